@@ -1,0 +1,332 @@
+"""Run configuration: one dataclass per section, loaded from TOML, overridden by `--section.field=value`.
+
+    cfg = load_config("configs/tiny.toml", ["--train.steps=20", "--parallel.tp=2"])
+
+Every problem (unknown section or field, wrong type, impossible value) raises ConfigError before any work
+starts, naming the file or flag, the field, what is accepted and how to fix it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names where it came from and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 32000
+    """Tokenizer vocabulary size; also the rows of the embedding and output projection."""
+    d_model: int = 512
+    """Width of the residual stream."""
+    n_layers: int = 8
+    """Number of transformer blocks."""
+    n_heads: int = 8
+    """Query heads per attention layer."""
+    n_kv_heads: int = 8
+    """Key/value heads (grouped-query attention); must divide n_heads."""
+    head_dim: int = 64
+    """Width of one head; independent of d_model / n_heads (LaMDA-PT uses 128 heads of 128 at 8192)."""
+    d_ff: int = 1408
+    """Hidden width of the gated MLP."""
+    mlp: Literal["swiglu", "geglu"] = "swiglu"
+    """Gated MLP flavour: SiLU gate (Llama) or GELU gate (LaMDA-PT / T5.1.1)."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output projection."""
+    rope_theta: float = 10000.0
+    """Base of the rotary embedding frequencies."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal init; residual output projections get init_std / sqrt(2 n_layers)."""
+    attention: Literal["auto", "torch", "triton"] = "auto"
+    """Attention implementation: the Triton flash kernel, the PyTorch path, or auto (Triton on CUDA)."""
+    loss: Literal["auto", "torch", "triton", "fused"] = "auto"
+    """Cross-entropy: PyTorch, the Triton kernel on logits, the fused output-projection kernel, or auto."""
+
+
+@dataclass
+class ParallelConfig:
+    dp: int = 0
+    """Data-parallel degree; 0 means whatever the world size leaves after tp x pp."""
+    tp: int = 1
+    """Tensor-parallel degree (innermost in the mesh)."""
+    pp: int = 1
+    """Pipeline-parallel degree (number of stages)."""
+    sp: bool = False
+    """Megatron sequence parallelism between blocks (needs tp > 1 to matter)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved schedule)."""
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    """Pipeline schedule."""
+    microbatches: int = 1
+    """Microbatches per optimizer step in the pipeline."""
+    zero: Literal[0, 1] = 0
+    """ZeRO stage for data parallelism (1 shards the optimizer state)."""
+    bucket_mb: float = 25.0
+    """Gradient all-reduce bucket size in MiB."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adafactor"] = "adamw"
+    """Optimizer. FLAN tuned LaMDA-PT with Adafactor."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (matrices only; norms and embeddings are not decayed)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate shape after warm-up."""
+    warmup_steps: int = 20
+    """Linear warm-up steps from 0 to lr."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = ""
+    """Folder of datasets and corpus; empty means ../shared/data beside the repo."""
+    tokenizer: str = ""
+    """A SentencePiece .model file to use; empty means train one (cached) on the corpus and datasets."""
+    tokenizer_cache: str = ".cache/tokenizer"
+    """Where trained tokenizers are cached (relative to the repo root unless absolute)."""
+    tokenizer_sentences: int = 200000
+    """Maximum sentences SentencePiece samples when training."""
+    seq_len: int = 256
+    """Tokens per row for pretraining."""
+    input_len: int = 1024
+    """Instruction tuning: token budget of an example's input (FLAN: 1024)."""
+    target_len: int = 256
+    """Instruction tuning: token budget of an example's target (FLAN: 256)."""
+    mixture_cap: int = 3000
+    """Examples-proportional mixing cap per dataset (FLAN: 3000)."""
+    heldout_cluster: str = "nli"
+    """Cluster left out of instruction tuning and evaluated zero-shot."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A malformed dataset row stops with an error naming file and line, or is skipped and counted."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    """Output folder: metrics.jsonl, checkpoints, plots (relative to the working directory)."""
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Global batch in rows per optimizer step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step; batch_size must divide by it."""
+    seed: int = 1234
+    """One seed for weights, data order and dropout-free randomness."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 autocast on CUDA and fp32 on CPU when auto."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+    """Progress-bar refresh interval in steps (metrics.jsonl always gets every step)."""
+    val_every: int = 50
+    """Validation interval in steps (0 disables)."""
+    val_batches: int = 8
+    """Batches per validation."""
+    ckpt_every: int = 100
+    """Checkpoint interval in steps (0 disables; the last step is always saved)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept."""
+    resume: bool = False
+    """Continue from the newest checkpoint in run_dir."""
+    init_from: str = ""
+    """Checkpoint folder whose weights start the run (instruction tuning starts from pretraining)."""
+
+
+@dataclass
+class EvalConfig:
+    templates: str = "all"
+    """Templates to score: all, best (picked on the dev split), or a comma list of indices."""
+    limit: int = 0
+    """Examples per dataset (0 = all)."""
+    batch_size: int = 16
+    """Requests per forward pass."""
+    max_new_tokens: int = 32
+    """Generation length limit."""
+    few_shot: int = 0
+    """Exemplars from train prepended to each prompt (0 = zero-shot)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, source: str = "config") -> "Config":
+        """Check values that are each well-typed but impossible together."""
+        m, p, t, o = self.model, self.parallel, self.train, self.optim
+
+        def fail(where: str, msg: str):
+            raise ConfigError(f"{source}: {where}: {msg}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+            if getattr(m, name) <= 0:
+                fail(f"model.{name}", f"is {getattr(m, name)}; it must be a positive integer")
+        if m.n_heads % m.n_kv_heads:
+            fail("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
+                 f"choose n_kv_heads among {_divisors(m.n_heads)}")
+        if m.head_dim % 2:
+            fail("model.head_dim", f"is {m.head_dim}; rotary embeddings need an even head_dim")
+        for name in ("tp", "pp", "virtual_stages", "microbatches"):
+            if getattr(p, name) < 1:
+                fail(f"parallel.{name}", f"is {getattr(p, name)}; it must be at least 1")
+        if p.dp < 0:
+            fail("parallel.dp", f"is {p.dp}; use 0 (derive from the world size) or a positive integer")
+        if m.n_heads % p.tp:
+            fail("parallel.tp", f"{p.tp} does not divide model.n_heads={m.n_heads}; "
+                 f"choose tp among {_divisors(m.n_heads)}")
+        if m.n_kv_heads % p.tp:
+            fail("parallel.tp", f"{p.tp} does not divide model.n_kv_heads={m.n_kv_heads}; "
+                 f"choose tp among {_divisors(m.n_kv_heads)}")
+        if m.vocab_size % p.tp:
+            fail("parallel.tp", f"{p.tp} does not divide model.vocab_size={m.vocab_size}; "
+                 "pick a vocab size that tp divides")
+        if m.d_ff % p.tp:
+            fail("parallel.tp", f"{p.tp} does not divide model.d_ff={m.d_ff}")
+        if p.virtual_stages > 1 and p.schedule != "interleaved":
+            fail("parallel.virtual_stages", f"is {p.virtual_stages} but parallel.schedule={p.schedule!r}; "
+                 "virtual stages need --parallel.schedule=interleaved")
+        if m.n_layers < p.pp * p.virtual_stages:
+            fail("parallel.pp", f"pp x virtual_stages = {p.pp * p.virtual_stages} exceeds model.n_layers="
+                 f"{m.n_layers}; every stage needs at least one layer")
+        if t.steps < 1:
+            fail("train.steps", f"is {t.steps}; it must be at least 1")
+        if t.batch_size < 1 or t.grad_accum < 1:
+            fail("train.batch_size", "batch_size and grad_accum must be at least 1")
+        if t.batch_size % t.grad_accum:
+            fail("train.grad_accum", f"{t.grad_accum} does not divide train.batch_size={t.batch_size}")
+        if o.lr <= 0:
+            fail("optim.lr", f"is {o.lr}; it must be positive")
+        if not 0 <= o.min_lr_ratio <= 1:
+            fail("optim.min_lr_ratio", f"is {o.min_lr_ratio}; accepted: 0..1")
+        if self.data.seq_len < 2:
+            fail("data.seq_len", f"is {self.data.seq_len}; it must be at least 2")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check (TOML values) or convert (command-line strings) `value` to the field type `typ`."""
+    from_flag = isinstance(value, str) and typ is not str
+    origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        for c in choices:
+            if value == c or (isinstance(value, str) and str(c).lower() == value.lower()):
+                return c
+        raise ConfigError(f"{where}: {value!r} is not accepted; choose one of {', '.join(map(repr, choices))}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_flag and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: {value!r} is not a boolean; write true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_flag:
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_flag:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not a string; quote it in TOML")
+    raise TypeError(f"unsupported config field type {typ}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}: unknown section [{section}]; known sections: {', '.join(SECTIONS)}")
+    sec = getattr(cfg, section)
+    hints = typing.get_type_hints(type(sec))
+    if key not in hints:
+        raise ConfigError(f"{where}: unknown field {section}.{key}; fields of [{section}]: {', '.join(hints)}")
+    setattr(sec, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
+    """`--section.field=value` flags to (section, field, value) triples."""
+    out = []
+    for a in args:
+        if not a.startswith("--") or "=" not in a or "." not in a.split("=", 1)[0]:
+            raise ConfigError(f"flag {a!r}: overrides are written --section.field=value, e.g. --train.steps=10")
+        k, v = a[2:].split("=", 1)
+        section, key = k.split(".", 1)
+        out.append((section, key, v))
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then the flags; validated before it is returned."""
+    cfg = Config()
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; presets live in configs/ (e.g. configs/tiny.toml)")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table; "
+                                  f"known sections: {', '.join(SECTIONS)}")
+            for key, value in table.items():
+                _apply(cfg, section, key, value, str(path))
+    for section, key, value in parse_overrides(overrides or []):
+        _apply(cfg, section, key, value, f"flag --{section}.{key}")
+    if overrides:
+        source += " + flags " + " ".join(overrides)
+    return cfg.validate(source)
+
+
+def config_from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config:
+    """Rebuild a Config saved with Config.to_dict() (checkpoints store it as JSON)."""
+    cfg = Config()
+    for section, table in data.items():
+        for key, value in table.items():
+            _apply(cfg, section, key, value, source)
+    return cfg.validate(source)
