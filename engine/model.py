@@ -1,0 +1,256 @@
+"""The plain single-device decoder-only transformer: the truth every parallel layout is tested against.
+
+Pre-norm blocks of RMSNorm -> grouped-query attention with rotary embeddings -> RMSNorm -> gated MLP
+(SwiGLU or GELU-gated as in LaMDA-PT), a final RMSNorm and a (tied or untied) output head. Rotary positions
+come from the Batch, so they restart in every packed segment, and attention never crosses a segment.
+
+This file knows nothing of ranks. Views use -1 for head counts because tensor parallelism shards heads;
+forward skips a missing embedding or head so that pipeline stages are made by deleting modules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.batch import IGNORE_INDEX, Batch
+from engine.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B, S, 1, head_dim/2) for integer positions (B, S)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, S, hd/2)
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, S, H, hd) by the tables; halves layout (first half real, second imaginary) as in Llama/HF."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+def segment_mask(q_segments: torch.Tensor, k_segments: torch.Tensor, q_index: torch.Tensor,
+                 k_index: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, 1, Sq, Sk) bool: key visible to query when in the same non-padding segment and not in the future.
+
+    Every query also sees itself so that padding rows never softmax over nothing (their output is zeroed).
+    """
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    if causal:
+        same &= k_index[None, None, :] <= q_index[None, :, None]
+    if q_index.shape == k_index.shape:
+        same |= torch.eye(len(q_index), dtype=torch.bool, device=same.device)[None]
+    return same[:, None]
+
+
+def attention_torch(q, k, v, segment_ids, *, causal=True, q_segment_ids=None, q_offset=0):
+    """PyTorch attention over (B, S, H, hd) tensors with an explicit segment mask; never crosses a segment.
+
+    q_segment_ids/q_offset serve decoding with a KV cache, where the queries are the last Sq of Sk keys.
+    """
+    Sq, Sk = q.shape[1], k.shape[1]
+    q_seg = segment_ids[:, -Sq:] if q_segment_ids is None else q_segment_ids
+    q_index = torch.arange(q_offset, q_offset + Sq, device=q.device)
+    k_index = torch.arange(Sk, device=q.device)
+    mask = segment_mask(q_seg, segment_ids, q_index, k_index, causal)
+    if Sq != Sk:  # decoding: a query always sees its own (just cached) key
+        mask |= (k_index[None, :] == q_index[:, None])[None, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        enable_gqa=q.shape[2] != k.shape[2],
+    ).transpose(1, 2)  # (B, Sq, H, hd)
+    return out * (q_seg != 0)[:, :, None, None].to(out.dtype)
+
+
+def attention(q, k, v, segment_ids, impl: str):
+    """The one attention entry point of the model: the Triton flash kernel or the PyTorch path."""
+    if impl == "auto":
+        impl = "triton" if q.is_cuda else "torch"
+    if impl == "triton":
+        from kernels.attention import flash_attention
+
+        return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
+    return attention_torch(q, k, v, segment_ids)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer so far, for greedy decoding (B rows, left-padded with segment 0)."""
+
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    segment_ids: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.segment_ids is None else self.segment_ids.shape[1]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        self.impl = cfg.attention
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, rope, segment_ids, cache: KVCache | None = None, name: str = ""):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, -1, self.head_dim)  # (B, S, nh, hd)
+        k = self.wk(x).view(B, S, -1, self.head_dim)  # (B, S, nkv, hd)
+        v = self.wv(x).view(B, S, -1, self.head_dim)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is None:
+            out = attention(q, k, v, segment_ids, self.impl)
+        else:
+            offset = cache.length
+            if offset:
+                k = torch.cat([cache.keys[name], k], dim=1)
+                v = torch.cat([cache.values[name], v], dim=1)
+            cache.keys[name], cache.values[name] = k, v
+            all_segments = segment_ids if offset == 0 else torch.cat([cache.segment_ids, segment_ids], dim=1)
+            out = attention_torch(q, k, v, all_segments, q_segment_ids=segment_ids, q_offset=offset)
+        return self.wo(out.reshape(B, S, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act = F.silu if cfg.mlp == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
+        self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.w_down(self.act(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, segment_ids, cache=None, name=""):
+        x = x + self.attn(self.attn_norm(x), rope, segment_ids, cache, name)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class OutputHead(nn.Module):
+    """Projection to the vocabulary and the next-token loss; tensor parallelism swaps in a vocab-parallel twin."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+        self.impl = cfg.loss
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
+
+    def loss(self, h: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over the non-ignored labels; "sum" lets the loop normalise by a global token count."""
+        h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
+        impl = self.impl
+        if impl == "auto":
+            impl = "fused" if h.is_cuda else "torch"
+        if impl == "fused":
+            from kernels.cross_entropy import linear_cross_entropy
+
+            return linear_cross_entropy(h, self.weight, labels, reduction=reduction)
+        logits = self(h)
+        if impl == "triton":
+            from kernels.cross_entropy import cross_entropy
+
+            return cross_entropy(logits, labels, reduction=reduction)
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        if reduction == "sum":
+            return loss
+        return loss / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # A dict keeps "layers.<i>" names stable when pipeline stages delete the layers they do not own.
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = OutputHead(cfg)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, batch: Batch, hidden: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                loss_reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, S, V), or the loss when batch.labels is set.
+
+        A pipeline stage without the embedding takes `hidden` (B, S, d) instead of tokens; one without the
+        final norm returns its hidden states.
+        """
+        h = self.tok_embeddings(batch.tokens) if hidden is None else hidden
+        positions = batch.positions
+        if cache is not None and cache.segment_ids is not None:
+            positions = positions + cache_positions(cache, batch)
+        rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        for name, layer in self.layers.items():
+            h = layer(h, rope, batch.segment_ids, cache, name)
+        if cache is not None:
+            cache.segment_ids = batch.segment_ids if cache.segment_ids is None else torch.cat(
+                [cache.segment_ids, batch.segment_ids], dim=1)
+        if self.norm is None:
+            return h
+        h = self.norm(h)
+        if batch.labels is None:
+            return self.output(h)
+        return self.output.loss(h, batch.labels, loss_reduction)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """GPT-2/Llama init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2 n_layers)."""
+        gen = torch.Generator().manual_seed(seed)
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0)  # RMSNorm gains
+                continue
+            s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else std
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+
+
+def cache_positions(cache: KVCache, batch: Batch) -> torch.Tensor:
+    """Offsets for new tokens: how many tokens of their own segment each row already has in the cache."""
+    seen = (cache.segment_ids != 0).sum(dim=1, keepdim=True).to(batch.positions.dtype)
+    return seen.expand_as(batch.positions)
+
+
+def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> Transformer:
+    """Build on the meta device, materialise on `device`, and initialise once from the seed."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    if cfg.tie_embeddings:  # to_empty re-creates parameters: restore the sharing
+        model.output.weight = model.tok_embeddings.weight
+    model.init_weights(seed)
+    return model
