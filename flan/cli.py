@@ -1,0 +1,106 @@
+"""The `flan` command line.
+
+    flan info configs/flan-137b.toml [--json]
+    flan tokenizer train configs/tiny.toml
+    flan pretrain configs/tiny.toml [--train.steps=100 ...]
+    torchrun --nproc-per-node=2 -m flan pretrain configs/tiny.toml --parallel.tp=2
+
+Any `--section.field=value` flag after the config overrides that field of the TOML file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.config import ConfigError, load_config
+
+
+def _config(args) -> "Config":  # noqa: F821
+    return load_config(args.config, args.overrides)
+
+
+def cmd_info(args) -> int:
+    from engine.info import model_info
+
+    info = model_info(_config(args))
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{'component':<24}{'parameters':>18}")
+    for name, n in info["components"].items():
+        print(f"{name:<24}{n:>18,}")
+    print(f"{'blocks (all layers)':<24}{info['blocks_parameters']:>18,}  ({info['blocks_parameters'] / 1e9:.1f}B)")
+    print(f"{'total':<24}{info['parameters']:>18,}  ({info['parameters'] / 1e9:.2f}B)")
+    f = info["training_flops_per_token"]
+    print(f"training FLOPs/token at seq_len {info['seq_len']}: {f['total']:.3e} "
+          f"(dense {f['dense']:.3e} + attention {f['attention']:.3e})")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from engine.tokenizer import Tokenizer, train_tokenizer
+
+    cfg = _config(args)
+    path = train_tokenizer(cfg)
+    print(f"{path} ({Tokenizer.load(path).vocab_size} pieces)")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from engine.corpus import CorpusStream, unigram_entropy
+    from engine.tokenizer import load_tokenizer
+    from engine.train import train
+
+    cfg = _config(args)
+    tokenizer = load_tokenizer(cfg)
+    summary = train(cfg, lambda c: CorpusStream(c, tokenizer), kind="pretrain")
+    if "val_loss" in summary:
+        summary["unigram_entropy"] = unigram_entropy(cfg, tokenizer)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(summary))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flan", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p):
+        p.add_argument("config", help="TOML config, e.g. configs/tiny.toml")
+        return p
+
+    p = with_config(sub.add_parser("info", help="parameters and FLOPs of a config (built on the meta device)"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tokenizer_command", required=True)
+    with_config(tok.add_parser("train", help="train (or find cached) the SentencePiece model")).set_defaults(
+        func=cmd_tokenizer_train)
+
+    with_config(sub.add_parser("pretrain", help="pretrain on the corpus")).set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}; config overrides are written --section.field=value")
+    args.overrides = rest
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"flan: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
