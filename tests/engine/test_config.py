@@ -1,0 +1,53 @@
+"""Config loading: TOML + flags, and one clear error for every kind of mistake."""
+import pytest
+
+from engine.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_presets_load():
+    for name in ("tiny", "gpu-125m", "gpu-1.3b", "flan-137b"):
+        load_config(f"configs/{name}.toml")
+
+
+def test_flags_override_the_file_with_types(tmp_path):
+    cfg = load_config(write(tmp_path, "[train]\nsteps = 7\n"),
+                      ["--train.steps=9", "--parallel.sp=true", "--optim.lr=1e-3", "--model.mlp=geglu"])
+    assert cfg.train.steps == 9 and cfg.parallel.sp is True and cfg.optim.lr == 1e-3 and cfg.model.mlp == "geglu"
+
+
+@pytest.mark.parametrize("text,flags,expected", [
+    ("[model]\nwidth = 3\n", [], r"c\.toml: unknown field model\.width; fields of \[model\]: vocab_size"),
+    ("[modle]\nd_model = 3\n", [], r"unknown section \[modle\]; known sections: model, parallel"),
+    ("[model]\nd_model = 'big'\n", [], r"c\.toml: model\.d_model: 'big' is not an integer"),
+    ("[model]\nn_heads = 8\nn_kv_heads = 3\n", [], r"model\.n_kv_heads: 3 does not divide model\.n_heads=8; "
+                                                   r"choose n_kv_heads among \[1, 2, 4, 8\]"),
+    ("", ["--parallel.tp=3"], r"flag.*parallel\.tp: 3 does not divide model\.n_heads=8"),
+    ("", ["--model.mlp=relu"], r"flag --model\.mlp: model\.mlp: 'relu' is not accepted; choose one of 'swiglu'"),
+    ("", ["--train.steps=ten"], r"flag --train\.steps: train\.steps: 'ten' is not an integer"),
+    ("", ["--steps=3"], r"overrides are written --section\.field=value"),
+    ("", ["--parallel.virtual_stages=2"], r"virtual stages need --parallel\.schedule=interleaved"),
+    ("[train]\nbatch_size = 10\ngrad_accum = 3\n", [], r"train\.grad_accum: 3 does not divide train\.batch_size=10"),
+    ("model = 3\n", [], r"top-level key 'model' must be a \[section\] table"),
+    ("[model\n", [], r"not valid TOML"),
+])
+def test_mistakes_fail_with_one_clear_message(tmp_path, text, flags, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, text), flags)
+
+
+def test_missing_file_says_where_presets_are(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found; presets live in configs/"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_cli_reports_config_errors_without_a_traceback(capsys):
+    from flan.cli import main
+
+    assert main(["info", "configs/tiny.toml", "--model.n_kv_heads=3"]) == 2
+    assert "n_kv_heads: 3 does not divide" in capsys.readouterr().err

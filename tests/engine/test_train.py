@@ -1,0 +1,84 @@
+"""The training loop: loss falls, metrics are logged, resume is bit-exact, checkpoints are atomic."""
+import json
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.config import load_config
+from engine.corpus import CorpusStream
+from engine.tokenizer import load_tokenizer
+from engine.train import train
+
+SMALL = ["--model.d_model=64", "--model.n_layers=2", "--model.n_heads=2", "--model.n_kv_heads=1",
+         "--model.head_dim=32", "--model.d_ff=128", "--data.seq_len=32", "--train.batch_size=4",
+         "--optim.warmup_steps=2"]
+
+
+def run(tmp_path, name, *flags):
+    cfg = load_config("configs/tiny.toml", SMALL + [f"--train.run_dir={tmp_path / name}", *flags])
+    tok = load_tokenizer(cfg)
+    train(cfg, lambda c: CorpusStream(c, tok))
+    return [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_metrics_have_every_field(tmp_path, shared_data):
+    rows = run(tmp_path, "a", "--train.steps=30", "--train.val_every=15", "--train.val_batches=2",
+               "--optim.lr=3e-3", "--train.grad_accum=2")
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s"):
+        assert all(key in r for r in rows), key
+    assert [r["step"] for r in rows if "val_loss" in r] == [15, 30]
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 0
+
+
+def test_resume_is_bit_exact(tmp_path, shared_data):
+    straight = run(tmp_path, "straight", "--train.steps=6", "--train.ckpt_every=0", "--train.val_every=0")
+    run(tmp_path, "resumed", "--train.steps=3", "--train.ckpt_every=3", "--train.val_every=0")
+    # An interrupted run: its last lines were logged after the checkpoint and must be dropped on resume.
+    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 4, "loss": 123.0}) + "\n")
+    resumed = run(tmp_path, "resumed", "--train.steps=6", "--train.ckpt_every=3", "--train.val_every=0",
+                  "--train.resume=true")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
+    a = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "straight"))
+    b = ckpt.load_model_state(ckpt.latest_checkpoint(tmp_path / "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_are_atomic_pruned_and_checked(tmp_path, shared_data):
+    run(tmp_path, "c", "--train.steps=4", "--train.ckpt_every=1", "--train.val_every=0", "--train.keep_checkpoints=2")
+    root = ckpt.checkpoint_dir(tmp_path / "c")
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "c")] == ["step-000003", "step-000004"]
+    # A half-written folder (no COMPLETE marker) is never picked.
+    half = root / "step-000009"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(tmp_path / "c").name == "step-000004"
+    with pytest.raises(ckpt.CheckpointError, match="no COMPLETE marker"):
+        ckpt.load_model_state(half)
+    # A truncated shard names the file.
+    latest = root / "step-000004"
+    data = (latest / "model.safetensors").read_bytes()
+    (latest / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"step-000004/model.safetensors: unreadable"):
+        ckpt.load_model_state(latest)
+    # Weights that do not fit the configured model name the tensor and both shapes.
+    from engine.model import build_model
+
+    state = ckpt.load_model_state(root / "step-000003")
+    other = build_model(load_config("configs/tiny.toml", SMALL + ["--model.d_ff=96"]).model, 0)
+    with pytest.raises(ckpt.CheckpointError, match=r"tensor 'layers.0.mlp.w_gate.weight' has shape \(128, 64\)"):
+        ckpt.apply_model_state(other, state, root / "step-000003")
+    # Checkpoint files carry no pickle.
+    for f in (root / "step-000003").iterdir():
+        assert not f.read_bytes().startswith(b"\x80"), f
+
+
+def test_adafactor_and_constant_schedule_train(tmp_path, shared_data):
+    rows = run(tmp_path, "f", "--train.steps=3", "--optim.name=adafactor", "--optim.schedule=constant",
+               "--optim.lr=1e-2", "--train.val_every=0", "--train.ckpt_every=0")
+    assert rows[-1]["lr"] == 1e-2 and all(r["loss"] == r["loss"] for r in rows)
