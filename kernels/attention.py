@@ -163,6 +163,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEG, KV_BOUNDS,
     """
     BLOCK_M: tl.constexpr = BLOCK_A
     BLOCK_N: tl.constexpr = BLOCK_B
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the causal diagonal must start on a key-tile boundary")
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_heads).to(tl.int64)  # 64-bit: batch offsets can pass 2**31 elements
@@ -274,6 +275,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SEG, Q_BOUNDS,
     """
     BLOCK_M: tl.constexpr = BLOCK_A
     BLOCK_N: tl.constexpr = BLOCK_B
+    tl.static_assert(BLOCK_N % BLOCK_M == 0, "the causal diagonal must end on a query-tile boundary")
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_kv_heads).to(tl.int64)
@@ -353,6 +355,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEG, KV_BOUNDS,
     """
     BLOCK_M: tl.constexpr = BLOCK_A
     BLOCK_N: tl.constexpr = BLOCK_B
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the causal diagonal must start on a key-tile boundary")
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_heads).to(tl.int64)

@@ -1,0 +1,256 @@
+"""Attention benchmark: our Triton flash kernel against SDPA (flash, cuDNN) and FlexAttention.
+
+    python -m benchmarks.attention                       # GPU: S 512..16k, D 64/128, bf16, causal
+    python -m benchmarks.attention --smoke               # CPU (Triton interpreter), tiny shapes, end to end
+    python -m benchmarks.attention --check-bf16 --out benchmarks/results/attention-<gpu>   # GPU correctness
+
+Throughput follows FlashAttention's convention: forward FLOPs = 4 * B * H * S^2 * D, halved when
+causal; backward = 2.5 x forward; forward+backward = 3.5 x forward. Packed rows (documents of mixed
+lengths 256..2048 laid end to end) count only the attention they contain, sum over documents of
+L^2 / 2, so equal TFLOP/s for packed and unpacked rows means a packed row costs in proportion to its
+work. SDPA cannot express a document mask with its flash or cuDNN backends, so on packed rows only our
+kernel and FlexAttention (document mask via create_block_mask) run.
+Each row of the table is one (pass, provider, layout, D, S); an unavailable provider prints '-' and its
+reason is kept in the JSON. Results go to runs/bench/attention (git-ignored) unless --out is given.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+
+import torch
+
+if not torch.cuda.is_available():  # the CPU path runs the kernel through Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from benchmarks.harness import environment, measure, output_dir, plot_lines, print_table, write_json  # noqa: E402
+from kernels.attention import attention_reference, flash_attention  # noqa: E402
+
+PASSES = ("fwd", "bwd", "fwd+bwd")
+PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+
+
+def document_ids(batch: int, seq_len: int, min_len: int, max_len: int, seed: int) -> torch.Tensor:
+    """(B, S) int32 segment ids: documents of uniform random length in [min_len, max_len], the last cut to fit."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(batch):
+        row, seg_id = [], 1
+        while len(row) < seq_len:
+            row += [seg_id] * min(rng.randint(min_len, max_len), seq_len - len(row))
+            seg_id += 1
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def forward_flops(segment_ids: torch.Tensor | None, batch: int, seq_len: int, heads: int, head_dim: int) -> float:
+    """Causal forward FLOPs in FlashAttention's convention: 4 * H * D * (S^2 / 2) per row, per document if packed."""
+    if segment_ids is None:
+        return 4.0 * batch * heads * head_dim * seq_len**2 / 2
+    lengths = torch.unique_consecutive(segment_ids.flatten(), return_counts=True)[1].double()
+    return 4.0 * heads * head_dim * float((lengths**2).sum()) / 2
+
+
+def provider_functions(segment_ids: torch.Tensor | None, device: torch.device, compile_flex: bool) -> dict:
+    """name -> attention(q, k, v) on (B, S, H, D) tensors, for the providers that can run this layout."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def sdpa(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                    enable_gqa=q.shape[2] != k.shape[2])
+            return out.transpose(1, 2)
+        return run
+
+    B, S = segment_ids.shape if segment_ids is not None else (None, None)
+    if segment_ids is None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return q_idx >= kv_idx
+    else:
+        docs = segment_ids.to(device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (docs[b, q_idx] == docs[b, kv_idx]) & (q_idx >= kv_idx)
+    flex_fn = torch.compile(flex_attention) if compile_flex else flex_attention
+    block_masks = {}
+
+    def flex(q, k, v):
+        key = (q.shape[0], q.shape[1])
+        if key not in block_masks:  # built once per shape, outside the timed calls after warm-up
+            block_masks[key] = create_block_mask(mask_mod, key[0] if segment_ids is not None else None, None,
+                                                 key[1], key[1], device=str(device))
+        out = flex_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_masks[key],
+                      enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
+
+    providers = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=segment_ids)}
+    if segment_ids is None:
+        if device.type == "cuda":
+            providers["sdpa-flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
+            providers["sdpa-cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+        else:
+            providers["sdpa-math"] = sdpa(SDPBackend.MATH)
+    providers["flex"] = flex
+    return providers
+
+
+def pass_callable(attn, pass_name: str, q, k, v, grad_out):
+    """The callable timed for one pass; backward alone replays the graph of one forward."""
+    if pass_name == "fwd":
+        return lambda: attn(q, k, v)
+    if pass_name == "bwd":
+        out = attn(q, k, v)
+        return lambda: torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)
+    return lambda: torch.autograd.grad(attn(q, k, v), (q, k, v), grad_out)
+
+
+def benchmark(args) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the interpreter cannot compute bf16
+    rows = []
+    for head_dim in args.head_dims:
+        heads = args.model_dim // head_dim
+        kv_heads = heads // args.kv_group
+        for seq_len in args.seq_lens:
+            batch = max(1, args.tokens // seq_len)
+            for layout in ("unpacked", "packed"):
+                segment_ids = None if layout == "unpacked" else document_ids(
+                    batch, seq_len, args.doc_min, args.doc_max, seed=seq_len).to(device)
+                flops = forward_flops(segment_ids, batch, seq_len, heads, head_dim)
+                gen = torch.Generator(device=device).manual_seed(0)
+                q, k, v = (torch.randn(batch, seq_len, h, head_dim, generator=gen, device=device, dtype=dtype)
+                           .requires_grad_() for h in (heads, kv_heads, kv_heads))
+                grad_out = torch.randn_like(q)
+                for provider, attn in provider_functions(segment_ids, device, device.type == "cuda").items():
+                    for pass_name in PASSES:
+                        row = {"pass": pass_name, "provider": provider, "layout": layout, "D": head_dim,
+                               "S": seq_len, "B": batch, "H": heads, "Hkv": kv_heads, "ms": None, "tflops": None,
+                               "peak_mib": None, "error": None}
+                        try:
+                            m = measure(pass_callable(attn, pass_name, q, k, v, grad_out), device=device,
+                                        warmup=args.warmup, reps=args.reps)
+                            row.update(ms=m.ms, peak_mib=m.peak_mib,
+                                       tflops=PASS_FLOP_FACTOR[pass_name] * flops / (m.ms * 1e-3) / 1e12)
+                        except (RuntimeError, NotImplementedError, ValueError) as err:  # backend unavailable
+                            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                        rows.append(row)
+                        timing = "unavailable" if row["ms"] is None else f"{row['ms']:.3f} ms"
+                        print(f"  {pass_name:8s} {provider:10s} {layout:8s} D={head_dim} S={seq_len}: {timing}",
+                              file=sys.stderr)
+    return rows
+
+
+def packing_summary(rows: list[dict]) -> list[dict]:
+    """Per (D, S): our fwd+bwd time and TFLOP/s packed vs unpacked; equal TFLOP/s = cost proportional to work."""
+    ours = {(r["layout"], r["D"], r["S"]): r for r in rows
+            if r["provider"] == "triton" and r["pass"] == "fwd+bwd" and r["ms"] is not None}
+    summary = []
+    for (layout, D, S), packed in sorted(ours.items()):
+        unpacked = ours.get(("unpacked", D, S))
+        if layout == "packed" and unpacked is not None:
+            summary.append(dict(D=D, S=S, packed_ms=packed["ms"], unpacked_ms=unpacked["ms"],
+                                time_ratio=packed["ms"] / unpacked["ms"],
+                                packed_tflops=packed["tflops"], unpacked_tflops=unpacked["tflops"]))
+    return summary
+
+
+def check_bf16(args) -> list[dict]:
+    """bf16 outputs and grads of our kernel and of SDPA flash against the fp32 reference (GPU only)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--check-bf16 needs a CUDA GPU: Triton's CPU interpreter does not compute bfloat16")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    device = torch.device("cuda")
+    rows = []
+    for head_dim in (32, 64, 128):
+        for seq_len, heads, kv_heads, layout in ((128, 4, 4, "unpacked"), (1000, 8, 2, "unpacked"),
+                                                 (1000, 8, 2, "packed+padding"), (2048, 8, 1, "packed+padding")):
+            batch = 2
+            segment_ids = None
+            if layout != "unpacked":
+                segment_ids = document_ids(batch, seq_len, 1, seq_len // 3, seed=seq_len).to(device)
+                segment_ids[:, seq_len - seq_len // 10:] = 0  # padding at the end of each row
+            gen = torch.Generator(device=device).manual_seed(head_dim + seq_len)
+            q, k, v = (torch.randn(batch, seq_len, h, head_dim, generator=gen, device=device)
+                       for h in (heads, kv_heads, kv_heads))
+            grad_out = torch.randn(batch, seq_len, heads, head_dim, generator=gen, device=device)
+
+            def outputs(fn, dtype):
+                leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+                out = fn(*leaves)
+                return [out, *torch.autograd.grad(out, leaves, grad_out.to(dtype))]
+
+            ref = outputs(lambda *t: attention_reference(*t, causal=True, segment_ids=segment_ids), torch.float32)
+            candidates = {"triton": lambda *t: flash_attention(*t, causal=True, segment_ids=segment_ids)}
+            if segment_ids is None:
+                def sdpa_flash(q_, k_, v_):
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        return torch.nn.functional.scaled_dot_product_attention(
+                            q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), is_causal=True,
+                            enable_gqa=True).transpose(1, 2)
+                candidates["sdpa-flash"] = sdpa_flash
+            for provider, fn in candidates.items():
+                got = outputs(fn, torch.bfloat16)
+                errs = {name: ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
+                        for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
+                rows.append(dict(provider=provider, layout=layout, D=head_dim, S=seq_len, Hq=heads, Hkv=kv_heads,
+                                 **{f"rel_{n}": e for n, e in errs.items()},
+                                 ok=all(e <= args.bf16_tolerance for e in errs.values())))
+    return rows
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny CPU shapes (the default when no GPU is present)")
+    p.add_argument("--check-bf16", action="store_true", help="GPU: bf16 outputs/grads vs the fp32 reference")
+    p.add_argument("--bf16-tolerance", type=float, default=1e-2, help="max relative Frobenius error in bf16")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--model-dim", type=int, default=2048, help="heads = model_dim / D (FlashAttention's setup)")
+    p.add_argument("--kv-group", type=int, default=1, help="query heads per key/value head (GQA)")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per batch: B = tokens / S")
+    p.add_argument("--doc-min", type=int, default=256, help="shortest packed document")
+    p.add_argument("--doc-max", type=int, default=2048, help="longest packed document")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--out", default=None, help="output folder (default runs/bench/attention)")
+    args = p.parse_args(argv)
+    if args.smoke or not torch.cuda.is_available():
+        args.smoke = True
+        args.seq_lens, args.head_dims, args.model_dim, args.tokens = [32, 64], [32], 64, 64
+        args.doc_min, args.doc_max, args.warmup, args.reps = 8, 24, 1, 2
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = output_dir("attention", args.out)
+    meta = dict(environment(), args=vars(args))
+    if args.check_bf16:
+        rows = check_bf16(args)
+        print_table(rows, ["provider", "layout", "D", "S", "Hq", "Hkv", "rel_out", "rel_dq", "rel_dk", "rel_dv", "ok"],
+                    title=f"bf16 vs fp32 reference (relative Frobenius error, tolerance {args.bf16_tolerance})")
+        print(f"wrote {write_json(out / 'bf16_check.json', rows, meta)}")
+        if not all(r["ok"] for r in rows if r["provider"] == "triton"):
+            raise SystemExit("bf16 check failed: see the table above")
+        return
+    rows = benchmark(args)
+    for pass_name in PASSES:
+        in_pass = [r for r in rows if r["pass"] == pass_name]
+        print_table(in_pass, ["provider", "layout", "D", "S", "B", "ms", "tflops", "peak_mib"],
+                    title=f"{pass_name} ({'fp32, CPU interpreter smoke' if args.smoke else 'bf16'}, causal)")
+        plot_lines(in_pass, x="S", y="tflops", series=("provider", "layout"), panels="D",
+                   path=out / f"tflops_{pass_name.replace('+', '_')}.png", title=f"attention {pass_name}")
+    summary = packing_summary(rows)
+    print_table(summary, ["D", "S", "packed_ms", "unpacked_ms", "time_ratio", "packed_tflops", "unpacked_tflops"],
+                title="packed vs unpacked rows, our fwd+bwd (equal TFLOP/s: cost in proportion to work)")
+    print(f"wrote {write_json(out / 'results.json', rows, dict(meta, packing=summary))} and plots in {out}")
+
+
+if __name__ == "__main__":
+    main()
