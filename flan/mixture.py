@@ -20,8 +20,8 @@ the very batches the uninterrupted run would have produced.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -62,8 +62,8 @@ class Mixture:
         self._by_name = {t.name: t for t in self.tasks}
 
     @classmethod
-    def build(cls, registry: Registry, *, heldout: str | None, split: str, data_dir: Path, cap: int,
-              seed: int, bad_rows: str = "error", templates_dir: Path = TEMPLATES_DIR) -> "Mixture":
+    def build(cls, registry: Registry, *, heldout: str | None, split: str, data_dir, cap: int,
+              seed: int, bad_rows: str = "error", templates_dir=TEMPLATES_DIR) -> "Mixture":
         tasks, missing, rows, skipped, templates = [], [], {}, {}, {}
         for spec in sorted(registry.training_tasks(heldout), key=lambda t: t.name):
             if not has_split(spec, split, data_dir):
@@ -79,6 +79,9 @@ class Mixture:
             templates[spec.name] = load_templates(spec, templates_dir)
         if not tasks:
             raise ValueError(f"no dataset has a local {split} split outside the held-out cluster {heldout!r}")
+        if sum(skipped.values()):
+            warnings.warn(f"{split} mixture: skipped {sum(skipped.values())} malformed rows (data.bad_rows=skip): "
+                          + ", ".join(f"{name} {n}" for name, n in skipped.items() if n), stacklevel=2)
         return cls(tasks, rows, templates, cap, seed, split, missing, skipped)
 
     @classmethod

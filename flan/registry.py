@@ -184,7 +184,8 @@ def parse_task(path: Path) -> TaskSpec:
             _fail(path, "a cls task needs a [labels] table with field, values and options")
         _require_field(path, fields, lb.get("field"), "[labels] field", ("text", "float", "int"))
         values, options = lb.get("values"), lb.get("options")
-        if not isinstance(values, list) or not isinstance(options, list) or len(values) != len(options) < 2:
+        if not (isinstance(values, list) and isinstance(options, list)) or len(values) != len(options) \
+                or len(options) < 2:
             _fail(path, "[labels] values and options must be lists of equal length (at least 2)")
         labels = LabelSpec(lb["field"], tuple(map(str, values)), tuple(map(str, options)), bool(lb.get("round")))
     elif "labels" in d:

@@ -128,7 +128,8 @@ def parse_templates(spec: TaskSpec, path: Path) -> tuple[Template, ...]:
             leaked = _slots(inp) & _leaking_slots(spec)
             if leaked:
                 raise TemplateError(f"{where}: the input shows the answer through {{{sorted(leaked)[0]}}}")
-        out.append(Template(i, entry["input"], entry["target"], turned, inp, tgt, frozenset(_slots(inp) | _slots(tgt))))
+        slots = frozenset(_slots(inp) | _slots(tgt))
+        out.append(Template(i, entry["input"], entry["target"], turned, inp, tgt, slots))
     return tuple(out)
 
 

@@ -18,7 +18,7 @@ def test_math_problems_are_correct_and_seeded(shared_data):
         x = sympy.Symbol(var)
         assert sympy.solve(sympy.sympify(left, locals={var: x}) - sympy.sympify(right, locals={var: x}), x) == \
             [int(row["answer"])]
-        assert "+ -" not in row["question"] and not re.search(r"(?<!\d)1\*", row["question"]), "written as DeepMind does"
+        assert "+ -" not in row["question"] and not re.search(r"(?<!\d)1\*", row["question"]), "DeepMind style"
 
 
 def test_fix_punct_pairs_real_sentences_with_stripped_copies(shared_data):

@@ -69,7 +69,8 @@ def test_options_suffix_is_built_from_the_label_set():
     assert ex.prompt.endswith("\n\nOPTIONS:\n- yes\n- no")
     assert ex.target == "no" and ex.options == ("yes", "no")
     cb = render("cb", {**RTE_ROW, "label": "neutral"}, 0)
-    assert cb.prompt.endswith("OPTIONS:\n- Yes\n- No\n- It's impossible to say") and cb.target == "It's impossible to say"
+    assert cb.prompt.endswith("OPTIONS:\n- Yes\n- No\n- It's impossible to say")
+    assert cb.target == "It's impossible to say"
 
 
 def test_options_placed_by_the_template_are_not_repeated(shared_data):
