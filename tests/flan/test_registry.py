@@ -80,6 +80,7 @@ def test_duplicate_names_name_both_files(task_dir):
     ('kind = "cls"', 'kind = "regression"', "kind = 'regression'; accepted: cls, mc, gen"),
     ('field = "label"', 'field = "gold"', r"\[labels\] field = 'gold' is not in \[fields\]"),
     ('metric = "accuracy"', 'metric = "vibes"', "metric = 'vibes'"),
+    ('options = ["yes", "no"]', 'options = ["yes"]', r"\[labels\] values and options must be lists of equal length"),
 ])
 def test_malformed_task_files_name_file_and_key(task_dir, old, new, message):
     path = task_dir / "rte.toml"
