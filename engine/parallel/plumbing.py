@@ -22,9 +22,6 @@ def parallelize(model: torch.nn.Module, cfg: Config, mesh: Mesh) -> torch.nn.Mod
             raise NotImplementedError(f"parallel.{flag}={degree}: only tensor parallelism is implemented so far; "
                                       f"launch tp x pp = {mesh.tp * mesh.pp} processes for --parallel.tp={mesh.tp}")
     if mesh.tp > 1:
-        if cfg.parallel.sp and cfg.data.seq_len % mesh.tp:
-            raise ValueError(f"parallel.sp: data.seq_len={cfg.data.seq_len} does not divide by parallel.tp="
-                             f"{mesh.tp}; sequence parallelism splits the sequence evenly")
         apply_tensor_parallel(model, mesh, cfg.parallel.sp)
         log.info("tensor parallel over %d ranks%s", mesh.tp, " with sequence parallelism" if cfg.parallel.sp else "")
     return model

@@ -188,8 +188,8 @@ class VocabParallelOutputHead(nn.Module):
         if impl == "auto":
             impl = "triton" if h.is_cuda else "torch"
         if impl in ("triton", "fused"):
-            # The fused kernel all-reduces grad_hidden itself, which the entry before this head (f / all-gather)
-            # also does: under tensor parallelism both kernels' paths go through the logits kernel instead.
+            # linear_cross_entropy sums grad_hidden over the group itself, and the entry before this head (f or the
+            # sequence all-gather) would sum it again: under tensor parallelism "fused" takes the logits kernel.
             from kernels.cross_entropy import cross_entropy
 
             return cross_entropy(logits, labels, reduction=reduction, group=self.group)

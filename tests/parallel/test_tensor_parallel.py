@@ -132,6 +132,31 @@ def test_tensor_parallel_equals_single_device(tp, data):
                                          f"relative error {err:.2e}")
 
 
+def test_kernel_losses_under_tensor_parallelism():
+    """model.loss="fused": the single device runs the fused Triton kernel, tp=2 the vocab-parallel Triton one."""
+    case = dict(model=dict(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, d_ff=16,
+                           tie_embeddings=True, loss="fused"),
+                seq_len=8, layouts=[([3], 1), ([], 0)], reduction="mean", seed=3)
+    for i, sp, worst in launch(compare_worker, 2, [case], 2)[0]:
+        for quantity, (err, name) in worst.items():
+            assert err < TOLERANCE, f"sp={sp}: {quantity} {name} relative error {err:.2e}"
+
+
+def uneven_sequence_worker() -> str:
+    case = dict(model=dict(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, d_ff=16),
+                seq_len=8, layouts=[([], 0)], seed=0)
+    cfg = make_config(case, tp=2, sp=True)
+    model = parallelize(build_model(cfg.model, seed=0), cfg, init_mesh(cfg))
+    with pytest.raises(ValueError) as error:
+        model(Batch(torch.zeros(1, 9, dtype=torch.long)))
+    return str(error.value)
+
+
+def test_sequence_parallelism_needs_tp_to_divide_the_sequence():
+    for message in launch(uneven_sequence_worker, 2):
+        assert "sequence length 9 does not divide by parallel.tp=2" in message
+
+
 def test_group_layout_is_tp_innermost_then_pp_then_dp():
     assert group_ranks(2, 2, 2, "t") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert group_ranks(2, 2, 2, "p") == [[0, 2], [1, 3], [4, 6], [5, 7]]
