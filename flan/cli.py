@@ -3,6 +3,8 @@
     flan info configs/flan-137b.toml [--json]
     flan tokenizer train configs/tiny.toml
     flan pretrain configs/tiny.toml [--train.steps=100 ...]
+    flan tune configs/tiny.toml --train.init_from=runs/tiny
+    flan data tasks | preview DATASET | mix CONFIG
     torchrun --nproc-per-node=2 -m flan pretrain configs/tiny.toml --parallel.tp=2
 
 Any `--section.field=value` flag after the config overrides that field of the TOML file.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from engine.config import ConfigError, load_config
@@ -61,6 +64,17 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from engine.tokenizer import load_tokenizer
+    from engine.train import train
+    from flan.mixture import TuningStream
+
+    cfg = _config(args)
+    tokenizer = load_tokenizer(cfg)
+    _print_summary(train(cfg, lambda c: TuningStream(c, tokenizer), kind="tune"))
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     import torch.distributed as dist
 
@@ -85,10 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_tokenizer_train)
 
     with_config(sub.add_parser("pretrain", help="pretrain on the corpus")).set_defaults(func=cmd_pretrain)
+    with_config(sub.add_parser(
+        "tune", help="instruction-tune on the FLAN mixture (start from --train.init_from=CHECKPOINT)")).set_defaults(
+        func=cmd_tune)
+
+    from flan.data_cli import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `flan data tasks | head` ends quietly, like any Unix tool
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]

@@ -3,5 +3,5 @@
 # Extra --section.field=value flags are passed to every step (CI uses --train.steps=5).
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 CONFIG="${FLAN_CONFIG:-configs/tiny.toml}"
-flan tokenizer train "$CONFIG" "$@"
-flan pretrain "$CONFIG" "$@"
+python -m flan tokenizer train "$CONFIG" "$@"
+python -m flan pretrain "$CONFIG" "$@"
