@@ -203,6 +203,12 @@ class Config:
                  "pick a vocab size that tp divides")
         if m.d_ff % p.tp:
             fail("parallel.tp", f"{p.tp} does not divide model.d_ff={m.d_ff}")
+        if p.sp and p.tp > 1:
+            for name, length in (("data.seq_len", self.data.seq_len),
+                                 ("data.input_len + data.target_len", self.data.input_len + self.data.target_len)):
+                if length % p.tp:
+                    fail("parallel.sp", f"sequence parallelism splits rows across tp={p.tp} ranks but {name}="
+                         f"{length} is not a multiple of it; pick lengths divisible by {p.tp}")
         if p.virtual_stages > 1 and p.schedule != "interleaved":
             fail("parallel.virtual_stages", f"is {p.virtual_stages} but parallel.schedule={p.schedule!r}; "
                  "virtual stages need --parallel.schedule=interleaved")

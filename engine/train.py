@@ -146,6 +146,9 @@ def train(cfg: Config, make_source, *, kind: str = "pretrain") -> dict:
             save(cfg, mesh, model, optimizer, names, source, done)
     if log:
         plot_losses(metrics_path, run_dir / "loss.png", kind)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
 
 
