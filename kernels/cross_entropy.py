@@ -79,8 +79,8 @@ def _write_row_gradient(row_ptr, grad_row_ptr, n_cols, local_target, lse, coef, 
 
     d lse / d x_j = softmax_j, so the z-loss term z * lse**2 adds 2 z lse softmax_j; the smoothing term
     eps * (lse - mean x) adds eps * (softmax_j - 1/V). `grad_row_ptr` may equal `row_ptr`: each block is
-    read before it is overwritten. `local_target` outside [0, n_cols) (another rank's column, or an
-    ignored row) matches no column; `coef` is 0 on ignored rows.
+    read before it is overwritten. `local_target` outside [0, n_cols) (another rank's column) matches
+    no column. Ignored rows never come here (see _write_zero_row).
     """
     softmax_weight = coef * (1.0 + 2.0 * z_loss * lse)
     target_weight = coef * (1.0 - label_smoothing)
@@ -94,13 +94,21 @@ def _write_row_gradient(row_ptr, grad_row_ptr, n_cols, local_target, lse, coef, 
 
 
 @triton.jit
+def _write_zero_row(grad_row_ptr, n_cols, BLOCK_V: tl.constexpr):
+    """The gradient of an ignored row: zeros, written without reading the row."""
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        tl.store(grad_row_ptr + cols, tl.zeros([BLOCK_V], dtype=grad_row_ptr.dtype.element_ty), mask=cols < n_cols)
+
+
+@triton.jit
 def _row_setup(target_ptr, logits_ptr, logits_row_stride, vocab_start, n_cols, ignore_index):
     """This program's row: pointer to its logits, its local target column, and whether it is ignored."""
     row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride overflows int32 past 2**31 elements
     target = tl.load(target_ptr + row)
     ignored = target == ignore_index
     local_target = target - vocab_start
-    owns_target = (~ignored) & (local_target >= 0) & (local_target < n_cols)
+    owns_target = (local_target >= 0) & (local_target < n_cols)  # read only on rows that are not ignored
     local_target = tl.where(owns_target, local_target, -1)
     return row, logits_ptr + row * logits_row_stride, local_target, owns_target, ignored
 
@@ -128,6 +136,9 @@ def _cross_entropy_statistics_kernel(logits_ptr, logits_row_stride, target_ptr, 
     """
     row, row_ptr, local_target, owns_target, ignored = _row_setup(target_ptr, logits_ptr, logits_row_stride,
                                                                   vocab_start, N_COLS, ignore_index)
+    if ignored:  # never read: instruction tuning ignores most tokens (the prompts)
+        _store_statistics(stats_ptr, n_rows, row, 0.0, 1.0, 0.0, 0.0)  # lse = 0, finite; the loss is masked
+        return
     row_max, sum_exp, logit_sum = _row_statistics(row_ptr, N_COLS, BLOCK_V)
     target_logit = tl.load(row_ptr + local_target, mask=owns_target, other=0.0).to(tl.float32)
     _store_statistics(stats_ptr, n_rows, row, row_max, sum_exp, target_logit, logit_sum)
@@ -144,9 +155,12 @@ def _cross_entropy_gradient_kernel(logits_ptr, logits_row_stride, grad_ptr, grad
     """
     row, row_ptr, local_target, owns_target, ignored = _row_setup(target_ptr, logits_ptr, logits_row_stride,
                                                                   vocab_start, N_COLS, ignore_index)
-    coef = tl.where(ignored, 0.0, tl.load(scale_ptr + row * scale_stride))
-    _write_row_gradient(row_ptr, grad_ptr + row * grad_row_stride, N_COLS, local_target, tl.load(lse_ptr + row),
-                        coef, z_loss, label_smoothing, vocab_total, BLOCK_V)
+    grad_row_ptr = grad_ptr + row * grad_row_stride
+    if ignored:
+        _write_zero_row(grad_row_ptr, N_COLS, BLOCK_V)
+        return
+    _write_row_gradient(row_ptr, grad_row_ptr, N_COLS, local_target, tl.load(lse_ptr + row),
+                        tl.load(scale_ptr + row * scale_stride), z_loss, label_smoothing, vocab_total, BLOCK_V)
 
 
 @triton.jit
@@ -160,13 +174,17 @@ def _cross_entropy_fused_kernel(logits_ptr, logits_row_stride, grad_ptr, grad_ro
     """
     row, row_ptr, local_target, owns_target, ignored = _row_setup(target_ptr, logits_ptr, logits_row_stride,
                                                                   0, N_COLS, ignore_index)
+    grad_row_ptr = grad_ptr + row * grad_row_stride
+    if ignored:
+        _store_statistics(stats_ptr, n_rows, row, 0.0, 1.0, 0.0, 0.0)
+        _write_zero_row(grad_row_ptr, N_COLS, BLOCK_V)
+        return
     row_max, sum_exp, logit_sum = _row_statistics(row_ptr, N_COLS, BLOCK_V)
     target_logit = tl.load(row_ptr + local_target, mask=owns_target, other=0.0).to(tl.float32)
     _store_statistics(stats_ptr, n_rows, row, row_max, sum_exp, target_logit, logit_sum)
-    coef = tl.where(ignored, 0.0, tl.load(scale_ptr + row * scale_stride))
     lse = row_max + tl.log(sum_exp)
-    _write_row_gradient(row_ptr, grad_ptr + row * grad_row_stride, N_COLS, local_target, lse, coef, z_loss,
-                        label_smoothing, N_COLS, BLOCK_V)
+    _write_row_gradient(row_ptr, grad_row_ptr, N_COLS, local_target, lse, tl.load(scale_ptr + row * scale_stride),
+                        z_loss, label_smoothing, N_COLS, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,11 +196,12 @@ def _launch_config(n_cols: int, device: torch.device) -> tuple[int, int]:
     GPU: blocks of up to 16384 columns with 32 warps, 16 float32 values per thread per block: two 16-byte
     loads of bf16 each, enough bytes in flight for a bandwidth-bound loop with one program per row
     (Liger-Kernel uses 32768 / 32). To be tuned with benchmarks/cross_entropy.py on a GPU.
-    CPU (Triton's interpreter, where the time goes per block operation): about four blocks per row, so
-    that tests exercise the running-max loop and a partial last block while wide rows stay fast.
+    CPU (Triton's interpreter, whose cost is per block operation, nearly whatever the block's size):
+    about four blocks per row, so that tests exercise the running-max loop and a partial last block,
+    up to 16384 columns a block, so that wide rows stay fast.
     """
     if device.type == "cpu":
-        return max(16, min(4096, triton.next_power_of_2(triton.cdiv(n_cols, 4)))), 1
+        return max(16, min(16384, triton.next_power_of_2(triton.cdiv(n_cols, 4)))), 1
     return min(16384, triton.next_power_of_2(n_cols)), 32
 
 
@@ -346,19 +365,10 @@ def _auto_chunk_size(n_rows: int, n_cols: int, dim: int) -> int:
     return triton.next_power_of_2(triton.cdiv(n_rows, chunks))
 
 
-def linear_cross_entropy_pass(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, ignore_index: int,
-                              label_smoothing: float, z_loss: float, group, chunk_size: int,
-                              row_scale: torch.Tensor, need_hidden_grad: bool, need_weight_grad: bool):
-    """(row losses, grad of hidden or None, grad of weight or None), one chunk of tokens at a time.
-
-    For each chunk: logits = h @ W^T (chunk x V_local, the input dtype, float32 accumulation in the
-    matmul), the kernels turn them into row losses and overwrite them with d loss / d logits (times
-    row_scale), then grad_h[chunk] = dlogits @ W and grad_W += dlogits^T @ h (one rounding per chunk).
-    Under `group` the weight is this rank's vocabulary slice; grad_h sums every rank's contribution with
-    an all-reduce, so each rank returns the full gradient of the (replicated) hidden states.
-    """
+def _chunked_pass(hidden, weight, target, *, ignore_index, label_smoothing, z_loss, group, chunk_size, row_scale,
+                  need_hidden_grad, need_weight_grad):
+    """The chunk loop of linear_cross_entropy_pass (before the all-reduce of grad_h)."""
     n_rows = hidden.shape[0]
-    _, world = _group_layout(group)
     need_grad = need_hidden_grad or need_weight_grad
     row_losses = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
@@ -375,7 +385,40 @@ def linear_cross_entropy_pass(hidden: torch.Tensor, weight: torch.Tensor, target
             torch.mm(logits, weight, out=grad_hidden[start:stop])
         if need_weight_grad:
             grad_weight.addmm_(logits.t(), hidden_chunk)
-    if need_hidden_grad and world > 1:
+    return row_losses, grad_hidden, grad_weight
+
+
+def linear_cross_entropy_pass(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, ignore_index: int,
+                              label_smoothing: float, z_loss: float, group, chunk_size: int,
+                              row_scale: torch.Tensor, need_hidden_grad: bool, need_weight_grad: bool):
+    """(row losses, grad of hidden or None, grad of weight or None), one chunk of tokens at a time.
+
+    1. Ignored rows (the prompt tokens of instruction tuning, often most of a batch) cost no matmul: the
+       pass works on the rows that count (one host sync to count them) and gives the others zero loss
+       and zero gradient.
+    2. For each chunk: logits = h @ W^T (chunk x V_local, the input dtype, float32 accumulation in the
+       matmul); the kernels turn them into row losses and overwrite them with d loss / d logits (times
+       row_scale); then grad_h[chunk] = dlogits @ W and grad_W += dlogits^T @ h (one rounding per chunk).
+    3. Under `group` the weight is this rank's vocabulary slice; grad_h sums every rank's contribution
+       with an all-reduce, so each rank returns the full gradient of the (replicated) hidden states.
+    Autocast is off inside: the inputs' dtype is the compute dtype.
+    """
+    _, world = _group_layout(group)
+    n_rows = hidden.shape[0]
+    options = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, group=group,
+                   chunk_size=chunk_size, need_hidden_grad=need_hidden_grad, need_weight_grad=need_weight_grad)
+    valid_rows = torch.nonzero(target != ignore_index).squeeze(1)
+    compact = valid_rows.numel() < n_rows
+    if compact:
+        hidden, target = hidden.index_select(0, valid_rows), target.index_select(0, valid_rows)
+        row_scale = row_scale if row_scale.numel() == 1 else row_scale.index_select(0, valid_rows)
+    with torch.autocast(hidden.device.type, enabled=False):
+        row_losses, grad_hidden, grad_weight = _chunked_pass(hidden, weight, target, row_scale=row_scale, **options)
+    if compact:
+        row_losses = row_losses.new_zeros(n_rows).index_copy_(0, valid_rows, row_losses)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.new_zeros(n_rows, grad_hidden.shape[1]).index_copy_(0, valid_rows, grad_hidden)
+    if grad_hidden is not None and world > 1:
         dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=group)
     return row_losses, grad_hidden, grad_weight
 
