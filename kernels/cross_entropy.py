@@ -229,6 +229,8 @@ def _check_arguments(fn: str, logits_like: torch.Tensor, n_rows: int, n_cols: in
         raise ValueError(f"{fn}: target is on {target.device} but the inputs on {logits_like.device}; move it")
     if n_cols == 0:
         raise ValueError(f"{fn}: the vocabulary slice is empty; each rank must hold at least one column")
+    # One device sync per call: a wrong id would otherwise give a silently wrong loss (the kernels read
+    # the target column only when this rank holds it).
     vocab_total = n_cols * world
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab_total))
     if n_rows and bool(bad.any()):
@@ -303,10 +305,8 @@ def _row_scale(valid_count: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def _scale_by_upstream(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
-    """grad (rows first) times the upstream gradient: a scalar, or one value per row for "none"."""
-    if reduction == "none":
-        return grad.mul_(grad_output.reshape(-1, *([1] * (grad.dim() - 1))))
-    return grad.mul_(grad_output)
+    """The (N, V) gradient times the upstream gradient, in place: a scalar, or one value per row for "none"."""
+    return grad.mul_(grad_output.reshape(-1, 1) if reduction == "none" else grad_output)
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -350,7 +350,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
                      label_smoothing, z_loss, reduction, world)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()  # the kernels walk columns with unit stride
-    return _CrossEntropy.apply(logits, target, ignore_index, float(label_smoothing), float(z_loss), reduction,
+    return _CrossEntropy.apply(logits, target.contiguous(), ignore_index, float(label_smoothing), float(z_loss), reduction,
                                group)
 
 

@@ -128,6 +128,22 @@ def test_reference_is_torch_cross_entropy(reduction):
     assert_relative(cross_entropy(logits, target, label_smoothing=0.2, reduction=reduction), expected, 1e-5, "ours")
 
 
+def test_ignore_index_may_be_a_class_id_and_views_are_accepted():
+    """ignore_index=1 (a real class, and the integer Triton specialises) and strided logits / targets."""
+    wide = torch.randn(8, 40, requires_grad=True)
+    logits = wide[:, ::2]  # column stride 2: copied to unit stride
+    target = torch.tensor([1, 0, 5, 1, 19, 2, 1, 7, 3, 1, 1, 4, 0, 1, 2, 1])[::2]  # a strided view
+    loss = cross_entropy(logits, target, ignore_index=1, label_smoothing=0.1)
+    (grad,) = torch.autograd.grad(loss, wide)
+    expected = F.cross_entropy(logits, target, ignore_index=1, label_smoothing=0.1)
+    (expected_grad,) = torch.autograd.grad(expected, wide)
+    assert_relative(loss, expected, 1e-5, "loss", floor=logits.abs().max().item())
+    assert_relative(grad, expected_grad, 1e-5, "grad", floor=1 / 8)
+    hidden, weight = torch.randn(8, 6), torch.randn(20, 6)
+    assert_relative(linear_cross_entropy(hidden, weight, target, ignore_index=1, chunk_size=3),
+                    F.cross_entropy(hidden @ weight.t(), target, ignore_index=1), 1e-5, "linear loss", floor=10.0)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_all_ignored_gives_zero_loss_and_gradients(reduction):
     logits = torch.randn(5, 17, requires_grad=True)
