@@ -5,6 +5,7 @@ kernels.cross_entropy.linear_cross_entropy against torch eager, torch.compile an
     python benchmarks/cross_entropy.py --out benchmarks/results/cross_entropy-h200   # record a GPU run
     python benchmarks/cross_entropy.py --check-bf16        # GPU: bf16 loss and gradients against fp32
     python benchmarks/cross_entropy.py --smoke             # CPU: tiny fp32 shapes, Triton interpreter
+    python benchmarks/cross_entropy.py --tokens 16384 --vocab 131072 --ignore-fraction 0.5   # one SFT-like case
 
 Liger-Kernel is optional: `pip install --no-deps .whl/liger_kernel-0.8.5-py3-none-any.whl` (the wheel is
 carried to the GPU machine; `pip download --no-deps liger-kernel==0.8.5 -d .whl` fetches it).
@@ -105,10 +106,11 @@ def providers(op: str, device: torch.device) -> dict:
     return found
 
 
-def make_inputs(op: str, n: int, v: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+def make_inputs(op: str, n: int, v: int, d: int, dtype: torch.dtype, device: torch.device, ignore_fraction: float,
+                seed: int = 0):
     gen = torch.Generator(device=device).manual_seed(seed)
     target = torch.randint(0, v, (n,), device=device, generator=gen)
-    target[torch.rand(n, device=device, generator=gen) < 0.1] = -100  # some ignored tokens, as in SFT batches
+    target[torch.rand(n, device=device, generator=gen) < ignore_fraction] = -100
     if op == "cross_entropy":
         return [torch.randn(n, v, device=device, dtype=dtype, generator=gen).requires_grad_()], target
     hidden = torch.randn(n, d, device=device, dtype=dtype, generator=gen).requires_grad_()
@@ -116,19 +118,19 @@ def make_inputs(op: str, n: int, v: int, d: int, dtype: torch.dtype, device: tor
     return [hidden, weight], target
 
 
-def bench_case(op, name, fn, n, v, d, dtype, device, warmup, reps) -> dict:
+def bench_case(op, name, fn, n, v, d, dtype, device, args) -> dict:
     row = {"op": op, "provider": name, "N": n, "V": v, "D": d if op == "linear_cross_entropy" else None,
            "dtype": str(dtype).removeprefix("torch."), "ms": None, "peak_mib": None}
     if isinstance(fn, str):
         return {**row, "status": fn}
-    leaves, target = make_inputs(op, n, v, d, dtype, device)
+    leaves, target = make_inputs(op, n, v, d, dtype, device, args.ignore_fraction)
 
     def clear_grads():
         for leaf in leaves:
             leaf.grad = None
 
     try:
-        m = measure(lambda: fn(*leaves, target).backward(), device=device, warmup=warmup, reps=reps,
+        m = measure(lambda: fn(*leaves, target).backward(), device=device, warmup=args.warmup, reps=args.reps,
                     setup=clear_grads)
     except torch.cuda.OutOfMemoryError:
         return {**row, "status": "oom"}
@@ -149,7 +151,7 @@ def run_benchmark(args, device: torch.device, dtype: torch.dtype) -> None:
         for n in args.tokens:
             for v in args.vocab:
                 for name, fn in found.items():
-                    rows.append(bench_case(op, name, fn, n, v, args.dim, dtype, device, args.warmup, args.reps))
+                    rows.append(bench_case(op, name, fn, n, v, args.dim, dtype, device, args))
                     if rows[-1]["status"] == "ok":
                         print(f"{op:>20} {name:>18} N={n:<6} V={v:<7} {rows[-1]['ms']:9.3f} ms  "
                               f"peak {rows[-1]['peak_mib']} MiB", flush=True)
@@ -177,7 +179,7 @@ def check_bf16(device: torch.device) -> int:
     opts = dict(label_smoothing=0.1, z_loss=1e-4)
     for n, v in [(4096, 32000), (4096, 50257), (2048, 128256)]:
         for op in ("cross_entropy", "linear_cross_entropy"):
-            leaves, target = make_inputs(op, n, v, 1024, torch.bfloat16, device, seed=n + v)
+            leaves, target = make_inputs(op, n, v, 1024, torch.bfloat16, device, ignore_fraction=0.2, seed=n + v)
             if op == "cross_entropy":
                 loss = ce.cross_entropy(leaves[0], target, **opts)
             else:
@@ -202,6 +204,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536], help="N values")
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 65536, 131072, 262144], help="V values")
     parser.add_argument("--dim", type=int, default=4096, help="hidden size D of linear_cross_entropy")
+    parser.add_argument("--ignore-fraction", type=float, default=0.0,
+                        help="share of targets set to -100 (instruction tuning ignores its prompts: try 0.5)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=None, help="output folder (default runs/bench/cross_entropy)")
