@@ -145,6 +145,8 @@ class TrainConfig:
     """Newest checkpoints kept."""
     resume: bool = False
     """Continue from the newest checkpoint in run_dir."""
+    async_save: bool = False
+    """Write checkpoints from a background thread (tensors copied to CPU memory first) while training goes on."""
     init_from: str = ""
     """Checkpoint folder whose weights start the run (instruction tuning starts from pretraining)."""
 

@@ -24,7 +24,7 @@ from engine.batch import Batch
 from engine.config import Config
 from engine.model import build_model
 from engine.optim import build_optimizer, lr_at, set_lr
-from engine.parallel import Mesh, clip_grad_norm, finalize_grads, full_state_dict, init_mesh, local_batch, parallelize
+from engine.parallel import Mesh, clip_grad_norm, finalize_grads, init_mesh, local_batch, parallelize
 
 
 class BatchSource(Protocol):
@@ -70,10 +70,6 @@ def evaluate(model: torch.nn.Module, batches: list[Batch], cfg: Config, mesh: Me
     return total / max(count, 1)
 
 
-def param_names(model: torch.nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}
-
-
 def train(cfg: Config, make_source, *, kind: str = "pretrain") -> dict:
     """Train for cfg.train.steps optimizer steps; `make_source(cfg)` builds the BatchSource.
 
@@ -94,13 +90,13 @@ def train(cfg: Config, make_source, *, kind: str = "pretrain") -> dict:
         ckpt.apply_model_state(model, ckpt.load_model_state(where), where)
     model = parallelize(model.to(mesh.device), cfg, mesh)
     optimizer = build_optimizer(model, cfg)
-    names = param_names(model)
+    saver = ckpt.Checkpointer(run_dir, mesh, cfg.train.keep_checkpoints, cfg.train.async_save)
 
     start = 0
     if cfg.train.resume:
         latest = ckpt.latest_checkpoint(run_dir)
         if latest is not None:
-            meta = ckpt.load_checkpoint(latest, model, optimizer, names)
+            meta = ckpt.load_checkpoint(latest, model, optimizer, mesh)
             source.load_state_dict(meta["data"])
             start = meta["step"]
     if log:
@@ -143,24 +139,14 @@ def train(cfg: Config, make_source, *, kind: str = "pretrain") -> dict:
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}")
         summary["loss"] = loss_value
         if done == cfg.train.steps or (cfg.train.ckpt_every and done % cfg.train.ckpt_every == 0):
-            save(cfg, mesh, model, optimizer, names, source, done)
+            saver.save(done, model, optimizer, {"config": cfg.to_dict(), "data": source.state_dict()})
+    saver.wait()
     if log:
         plot_losses(metrics_path, run_dir / "loss.png", kind)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
-
-
-def save(cfg: Config, mesh: Mesh, model, optimizer, names, source: BatchSource, step: int) -> None:
-    """Single-device checkpoints hold everything for a resume; multi-rank runs save gathered weights only
-    until sharded checkpoints can hold each rank's optimizer slice."""
-    state = full_state_dict(model, mesh)
-    if not mesh.is_logging_rank:
-        return
-    meta = {"config": cfg.to_dict(), "data": source.state_dict(), "world_size": mesh.world_size}
-    ckpt.save_checkpoint(cfg.train.run_dir, step, state, optimizer if mesh.world_size == 1 else None, names, meta,
-                         cfg.train.keep_checkpoints)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -62,9 +62,9 @@ def test_checkpoints_are_atomic_pruned_and_checked(tmp_path, shared_data):
         ckpt.load_model_state(half)
     # A truncated shard names the file.
     latest = root / "step-000004"
-    data = (latest / "model.safetensors").read_bytes()
-    (latest / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ckpt.CheckpointError, match=r"step-000004/model.safetensors: unreadable"):
+    data = (latest / "model-r00000.safetensors").read_bytes()
+    (latest / "model-r00000.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match=r"step-000004/model-r00000.safetensors: .* truncated"):
         ckpt.load_model_state(latest)
     # Weights that do not fit the configured model name the tensor and both shapes.
     from engine.model import build_model
