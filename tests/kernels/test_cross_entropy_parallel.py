@@ -67,6 +67,8 @@ def _worker(rank: int, world: int, port: int) -> None:
             loss.backward(upstream)
             _check(loss, ref_loss, f"cross_entropy loss {opts}")
             _check(local.grad, full.grad[:, cols], f"cross_entropy grad {opts}")
+            with torch.no_grad():  # the statistics-only path (evaluation)
+                _check(cross_entropy(local, target, group=dist.group.WORLD, **opts), ref_loss, f"no_grad loss {opts}")
 
             full_h, full_w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
             ref_loss = cross_entropy_reference(full_h @ full_w.t(), target, **opts)
@@ -96,7 +98,8 @@ def _check_single_rank_group_calls_no_collective(rank: int, world: int) -> None:
     try:
         for group in (None, singles[rank]):
             cross_entropy(logits, target, group=group).backward()
-            linear_cross_entropy(torch.randn(5, 3), torch.randn(9, 3, requires_grad=True), target, group=group)
+            hidden, weight = torch.randn(5, 3, requires_grad=True), torch.randn(9, 3, requires_grad=True)
+            linear_cross_entropy(hidden, weight, target, group=group).backward()
     finally:
         dist.all_reduce = original
 
