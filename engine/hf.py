@@ -171,7 +171,7 @@ def export_hf(step_dir: str | Path, out: str | Path) -> Path:
     from engine.tokenizer import load_tokenizer
 
     step_dir, out = Path(step_dir), Path(out)
-    cfg = config_from_dict(load_meta(step_dir)["config"], f"{step_dir}/meta.json")
+    cfg = config_from_dict(load_meta(step_dir)["config"], f"{step_dir} (its stored config)")
     state = load_model_state(step_dir)
     tokenizer = load_tokenizer(cfg)
     out.mkdir(parents=True, exist_ok=True)

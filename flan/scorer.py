@@ -1,0 +1,223 @@
+"""The zero-shot scorer: rank classification over options, and greedy generation with a KV cache.
+
+    requests = [EvalRequest("rte", template=0, example=7, prompt=..., target="yes", options=("yes", "no"), gold=0)]
+    results = score_requests(model, tokenizer, requests, batch_size=16, max_new_tokens=32, input_len=1024)
+    results[0].logprobs, results[0].prediction          # RankResult for requests with options
+    results[1].text                                      # GenResult for the others
+
+Token layout = instruction tuning's (flan/packing.py): the prompt's ids (its last `input_len` tokens; one
+BOS when it encodes to nothing) followed directly by the target's ids, no separator. An option's score is the
+sum of its tokens' log-probabilities after the prompt (FLAN's rank classification); we also keep its token
+count and UTF-8 byte count for the length-normalised variants.
+
+Sharing the prompt. Examples are sorted by prompt length (longest first) and batched; each prompt runs
+once, left-padded, filling a KVCache, and its last position already scores every option's first token.
+Options longer than one token then run as one continuation batch over the cache, expanded to one row per
+option, so the prompt is never recomputed per option. This is exact: a continuation attends to the same
+keys and values, at the same positions, as the full (prompt + option) sequence would (tests check it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from engine.batch import Batch
+from engine.model import KVCache
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """One rendered example: options (and the gold index) for rank classification, None for generation."""
+    dataset: str
+    template: int
+    example: int
+    prompt: str
+    target: str
+    options: tuple[str, ...] | None = None
+    gold: int | None = None
+
+
+@dataclass(frozen=True)
+class RankResult:
+    logprobs: tuple[float, ...]   # summed log-probability of each option
+    n_tokens: tuple[int, ...]
+    n_bytes: tuple[int, ...]
+
+    @property
+    def prediction(self) -> int:
+        return _argmax(self.logprobs)
+
+    @property
+    def prediction_per_token(self) -> int:
+        return _argmax([lp / n for lp, n in zip(self.logprobs, self.n_tokens)])
+
+    @property
+    def prediction_per_byte(self) -> int:
+        return _argmax([lp / max(n, 1) for lp, n in zip(self.logprobs, self.n_bytes)])
+
+
+@dataclass(frozen=True)
+class GenResult:
+    text: str
+    tokens: tuple[int, ...]
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda i: values[i])  # first of equals, like numpy
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> Batch:
+    """Rows right-aligned in one (B, max len) batch; padding has segment id 0 (KVCache's convention)."""
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    segments = torch.zeros(len(rows), width, dtype=torch.int32)
+    for i, r in enumerate(rows):
+        tokens[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        segments[i, width - len(r):] = 1
+    return Batch(tokens=tokens, segment_ids=segments).to(device)
+
+
+def _expand(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    """A cache holding row rows[i] of `cache` at row i (one copy of a prompt per option)."""
+    return KVCache({k: v.index_select(0, rows) for k, v in cache.keys.items()},
+                   {k: v.index_select(0, rows) for k, v in cache.values.items()},
+                   cache.segment_ids.index_select(0, rows))
+
+
+@torch.no_grad()
+def option_logprobs(model, contexts: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]],
+                    pad_id: int) -> list[list[float]]:
+    """Summed log-probabilities of each option's ids after its context, for one batch of contexts."""
+    device = _device(model)
+    cache = KVCache()
+    logits = model(left_padded(contexts, pad_id, device), cache=cache)
+    first = logits[:, -1].float().log_softmax(-1)  # (B, V): the next token after each prompt
+    owner = [b for b, opts in enumerate(options) for _ in opts]
+    flat = [list(o) for opts in options for o in opts]
+    if any(not o for o in flat):
+        raise ValueError("an option encodes to no tokens; every option needs at least one token to score")
+    scores = first[torch.tensor(owner, device=device), torch.tensor([o[0] for o in flat], device=device)]
+    longest = max(len(o) for o in flat)
+    if longest > 1:
+        # Continuation rows: option ids but the last, right-padded with segment 0 so they attend to nothing.
+        cont = torch.full((len(flat), longest - 1), pad_id, dtype=torch.long)
+        segments = torch.zeros(len(flat), longest - 1, dtype=torch.int32)
+        for r, o in enumerate(flat):
+            cont[r, :len(o) - 1] = torch.tensor(o[:-1])
+            segments[r, :len(o) - 1] = 1
+        expanded = _expand(cache, torch.tensor(owner, device=device))
+        out = model(Batch(tokens=cont, segment_ids=segments).to(device), cache=expanded)
+        logp = out.float().log_softmax(-1)  # (R, L, V): position t predicts option token t + 1
+        nxt = torch.full_like(cont, 0)
+        for r, o in enumerate(flat):
+            nxt[r, :len(o) - 1] = torch.tensor(o[1:])
+        picked = logp.gather(-1, nxt.to(device)[..., None])[..., 0] * segments.to(device)
+        scores = scores + picked.sum(-1)
+    out_lists, k = [], 0
+    for opts in options:
+        out_lists.append(scores[k:k + len(opts)].tolist())
+        k += len(opts)
+    return out_lists
+
+
+def _prompt_ids(tokenizer, prompts: list[str], input_len: int) -> list[list[int]]:
+    """Instruction tuning's input rule: the last input_len ids, or one BOS for an empty prompt."""
+    return [ids[-input_len:] if ids else [tokenizer.bos_id] for ids in tokenizer.encode_batch(prompts)]
+
+
+def _batches(order: list[int], size: int) -> Iterable[list[int]]:
+    for start in range(0, len(order), size):
+        yield order[start:start + size]
+
+
+def rank_classify(model, tokenizer, requests: Sequence[EvalRequest], *, batch_size: int, input_len: int,
+                  progress=None) -> list[RankResult]:
+    """Score every option of every request; results in request order."""
+    contexts = _prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
+    unique = sorted({o for r in requests for o in r.options})
+    option_ids = dict(zip(unique, tokenizer.encode_batch(unique)))
+    order = sorted(range(len(requests)), key=lambda i: -len(contexts[i]))  # similar lengths pad less
+    results: list[RankResult | None] = [None] * len(requests)
+    for chunk in _batches(order, batch_size):
+        opts = [[option_ids[o] for o in requests[i].options] for i in chunk]
+        scored = option_logprobs(model, [contexts[i] for i in chunk], opts, tokenizer.pad_id)
+        for i, lp, ids in zip(chunk, scored, opts):
+            results[i] = RankResult(tuple(lp), tuple(len(x) for x in ids),
+                                    tuple(len(o.encode("utf-8")) for o in requests[i].options))
+        if progress is not None:
+            progress.update(len(chunk))
+    return results
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+                    stop_at=None) -> list[list[int]]:
+    """Greedy continuation of each prompt (one batch) until EOS, `max_new_tokens`, or stop_at(ids) is true."""
+    device = _device(model)
+    cache = KVCache()
+    logits = model(left_padded(prompts, pad_id, device), cache=cache)
+    B = len(prompts)
+    generated: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    ones = torch.ones(B, 1, dtype=torch.int32, device=device)
+    for _ in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1)  # (B,)
+        for b, t in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            if t == eos_id:
+                done[b] = True
+                continue
+            generated[b].append(t)
+            done[b] = stop_at is not None and stop_at(generated[b])
+        if all(done):
+            break
+        logits = model(Batch(tokens=nxt[:, None], segment_ids=ones), cache=cache)
+    return generated
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """Text up to the first stop string (FLAN's few-shot exemplar separator, for instance)."""
+    cuts = [text.index(s) for s in stops if s and s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def generate(model, tokenizer, requests: Sequence[EvalRequest], *, batch_size: int, input_len: int,
+             max_new_tokens: int, stops: Sequence[str] = (), progress=None) -> list[GenResult]:
+    """Greedy generations for requests without options; results in request order."""
+    prompts = _prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
+    order = sorted(range(len(requests)), key=lambda i: -len(prompts[i]))
+    stop_at = (lambda ids: any(s in tokenizer.decode(ids) for s in stops if s)) if stops else None
+    results: list[GenResult | None] = [None] * len(requests)
+    for chunk in _batches(order, batch_size):
+        outs = greedy_generate(model, [prompts[i] for i in chunk], eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                               max_new_tokens=max_new_tokens, stop_at=stop_at)
+        for i, ids in zip(chunk, outs):
+            results[i] = GenResult(cut_at_stop(tokenizer.decode(ids), stops).strip(), tuple(ids))
+        if progress is not None:
+            progress.update(len(chunk))
+    return results
+
+
+def score_requests(model, tokenizer, requests: Sequence[EvalRequest], *, batch_size: int, input_len: int,
+                   max_new_tokens: int, stops: Sequence[str] = (), progress=None) -> list[RankResult | GenResult]:
+    """Rank classification for requests with options, generation for the rest; results in request order."""
+    ranked = [i for i, r in enumerate(requests) if r.options is not None]
+    free = [i for i, r in enumerate(requests) if r.options is None]
+    results: list = [None] * len(requests)
+    if ranked:
+        for i, res in zip(ranked, rank_classify(model, tokenizer, [requests[i] for i in ranked],
+                                                batch_size=batch_size, input_len=input_len, progress=progress)):
+            results[i] = res
+    if free:
+        for i, res in zip(free, generate(model, tokenizer, [requests[i] for i in free], batch_size=batch_size,
+                                         input_len=input_len, max_new_tokens=max_new_tokens, stops=stops,
+                                         progress=progress)):
+            results[i] = res
+    return results
