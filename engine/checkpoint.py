@@ -93,7 +93,7 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-class _Share:
+class Share:
     """One rank's files (name -> {key: tensor}) and its part of the index."""
 
     def __init__(self, rank: int):
@@ -112,9 +112,9 @@ class _Share:
         entries["pieces"].append({"file": file, "key": key, "box": [list(b) for b in box]})
 
 
-def _rank_share(model: torch.nn.Module, optimizer, mesh: Mesh, copy: bool) -> tuple[_Share, dict]:
+def _rank_share(model: torch.nn.Module, optimizer, mesh: Mesh, copy: bool) -> tuple[Share, dict]:
     """This rank's tensors to write, and the JSON part (optimizer scalars, layout-bound state, RNG)."""
-    share = _Share(mesh.rank)
+    share = Share(mesh.rank)
     specs = parameter_specs(model, mesh)
     for name, p in model.named_parameters():
         spec = specs[name]
@@ -163,7 +163,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_share(tmp: Path, share: _Share, extra: dict, coords: list[int]) -> dict:
+def write_share(tmp: Path, share: Share, extra: dict, coords: list[int]) -> dict:
     """Write this rank's files, then (last, by rename) its rank-*.json: the rendezvous mark rank 0 waits for."""
     tmp.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -227,7 +227,7 @@ def _merge(tmp: Path, fragments: list[dict]) -> tuple[dict, dict, dict, dict]:
     return tensors, bound, scalars, files
 
 
-def _commit(tmp: Path, final: Path, fragments: list[dict], meta: dict, keep: int) -> None:
+def commit(tmp: Path, final: Path, fragments: list[dict], meta: dict, keep: int) -> None:
     tensors, bound, scalars, files = _merge(tmp, fragments)
     index = dict(meta, format=FORMAT, files=files, tensors=tensors, bound_state=bound, scalars=scalars,
                  ranks=[{"rank": f["rank"], "coords": f["coords"], "rng": f["rng"]} for f in fragments])
@@ -271,14 +271,14 @@ class Checkpointer:
         meta = json.loads(json.dumps(meta))  # a snapshot: the data stream moves on while an async save runs
         return self._save_share(step, share, extra, dict(meta, optimizer_kind=kind))
 
-    def _save_share(self, step: int, share: _Share, extra: dict, meta: dict[str, Any]) -> Path:
+    def _save_share(self, step: int, share: Share, extra: dict, meta: dict[str, Any]) -> Path:
         mesh = self.mesh
         final = self.root / f"step-{step:06d}"
         tmp = self.root / f".tmp-step-{step:06d}-{self.session}"
         coords = [mesh.dp_rank, mesh.pp_rank, mesh.tp_rank]
         meta = dict(meta, step=step, world_size=mesh.world_size, layout={"dp": mesh.dp, "pp": mesh.pp, "tp": mesh.tp})
         if not self.async_save:
-            _write_share(tmp, share, extra, coords)
+            write_share(tmp, share, extra, coords)
             if mesh.world_size > 1:
                 dist.barrier()
             if mesh.rank == 0:
@@ -289,7 +289,7 @@ class Checkpointer:
 
         def work():
             try:
-                _write_share(tmp, share, extra, coords)
+                write_share(tmp, share, extra, coords)
                 if mesh.rank == 0:
                     self._commit_and_clean(tmp, final, meta)
             except BaseException as e:  # surfaced by the next save or wait()
@@ -301,7 +301,7 @@ class Checkpointer:
 
     def _commit_and_clean(self, tmp: Path, final: Path, meta: dict) -> None:
         fragments = _wait_for_fragments(tmp, self.mesh.world_size, self.timeout)
-        _commit(tmp, final, fragments, meta, self.keep)
+        commit(tmp, final, fragments, meta, self.keep)
         for stale in self.root.glob(".tmp-step-*"):  # left by killed sessions: never loadable, now removable
             if not stale.name.endswith(self.session):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -334,7 +334,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
     if optimizer is not None:
         raise ValueError("save_checkpoint writes weights only; save training state with Checkpointer(...).save("
                          "step, model, optimizer, meta), which records the layout's shards")
-    share = _Share(0)
+    share = Share(0)
     for name, t in dedup_tied(model_state).items():
         share.add("model", name, tuple(t.shape), tuple((0, n) for n in t.shape), t, copy=False)
     rng_tensors, rng_json = _rng_state()
@@ -359,7 +359,7 @@ def load_meta(path: str | Path) -> dict[str, Any]:
     return index
 
 
-class _Reader:
+class Reader:
     """Lazily opened safetensors files of one checkpoint; regions of global tensors assembled from pieces."""
 
     def __init__(self, path: Path, index: dict):
@@ -440,7 +440,7 @@ class _Reader:
 def load_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     """Every weight as a whole single-device tensor (for one-device consumers: init_from, scoring, tests)."""
     path = Path(path)
-    reader = _Reader(path, load_meta(path))
+    reader = Reader(path, load_meta(path))
     return {name: reader.full(name) for name, e in reader.index["tensors"].items() if e["kind"] == "model"}
 
 
@@ -478,7 +478,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer, mesh: M
     path = Path(path)
     mesh = mesh or Mesh()
     index = load_meta(path)
-    reader = _Reader(path, index)
+    reader = Reader(path, index)
     saved = {n for n, e in index["tensors"].items() if e["kind"] == "model"}
     expected = _expected_names(model)
     if saved != expected:
@@ -506,7 +506,7 @@ def _state_keys(index: dict, global_name: str) -> tuple[list[str], list[str], li
     return elementwise, bound, scalars
 
 
-def _restore_optimizer(reader: _Reader, optimizer, model: torch.nn.Module, mesh: Mesh, specs: dict) -> None:
+def _restore_optimizer(reader: Reader, optimizer, model: torch.nn.Module, mesh: Mesh, specs: dict) -> None:
     index = reader.index
     names = {id(p): n for n, p in model.named_parameters()}
     if is_zero_optimizer(optimizer):
@@ -543,7 +543,7 @@ def _restore_optimizer(reader: _Reader, optimizer, model: torch.nn.Module, mesh:
         for key in elementwise:
             state[key] = reader.region(f"{spec.global_name}/{key}", spec.box, spec.global_shape).to(p.device)
         for key in bound:
-            state[key] = _bound_state(reader, f"{spec.global_name}/{key}", spec.box).to(p.device)
+            state[key] = bound_state(reader, f"{spec.global_name}/{key}", spec.box).to(p.device)
         for key in scalars:
             state[key] = torch.tensor(index["scalars"][f"{spec.global_name}/{key}"], dtype=torch.float32)
         if state:
@@ -556,7 +556,7 @@ def _flat_index(shape: tuple[int, ...], box: Box) -> int:
     return sum(a * s for (a, _), s in zip(box, strides))
 
 
-def _bound_state(reader: _Reader, name: str, box: Box) -> torch.Tensor:
+def bound_state(reader: Reader, name: str, box: Box) -> torch.Tensor:
     entry = reader.index["bound_state"][name]
     for piece in entry["pieces"]:
         if [list(b) for b in box] == piece["box"]:
@@ -568,7 +568,7 @@ def _bound_state(reader: _Reader, name: str, box: Box) -> torch.Tensor:
                           f"(layout {reader.index['layout']})")
 
 
-def _restore_rng(reader: _Reader, index: dict, mesh: Mesh) -> None:
+def _restore_rng(reader: Reader, index: dict, mesh: Mesh) -> None:
     """This rank's RNG states when the layout is the one saved; rank 0's otherwise."""
     same = index["world_size"] == mesh.world_size and index["layout"] == {"dp": mesh.dp, "pp": mesh.pp, "tp": mesh.tp}
     rank = mesh.rank if same else 0

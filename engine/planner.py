@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, replace
 
 from engine.config import Config
 from engine.info import meta_model, training_flops_per_token
-from engine.parallel.tensor import plan_kind
+from engine.parallel.specs import planned_shard_dim
 
 GiB = 1024 ** 3
 SCHEDULES = ("none", "gpipe", "1f1b", "interleaved")
@@ -151,8 +151,7 @@ class RankParameters:
 
 
 def _local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
-    kind = plan_kind(name.rsplit(".", 1)[0])
-    dim = {"column": 0, "vocab_embedding": 0, "vocab_output": 0, "row": 1}.get(kind)
+    dim = planned_shard_dim(name)
     if dim is None or tp == 1:
         return shape
     return tuple(n // tp if i == dim else n for i, n in enumerate(shape))

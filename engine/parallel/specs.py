@@ -23,9 +23,20 @@ from dataclasses import dataclass
 import torch
 
 from engine.parallel.mesh import Mesh
-from engine.parallel.tensor import plan_kind, shard_dims
+from engine.parallel.tensor import (ColumnInputNorm, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                    VocabParallelOutputHead, plan_kind, shard_dims)
 
 Box = tuple[tuple[int, int], ...]
+
+# TP_PLAN kind -> the dimension its tensor-parallel module splits (each module class records it).
+_KIND_CLASSES = {"column": ColumnParallelLinear, "row": RowParallelLinear, "column_input": ColumnInputNorm,
+                 "vocab_embedding": VocabParallelEmbedding, "vocab_output": VocabParallelOutputHead}
+
+
+def planned_shard_dim(param_name: str) -> int | None:
+    """The dimension tensor parallelism splits a single-device parameter along (None: replicated)."""
+    kind = plan_kind(param_name.rsplit(".", 1)[0])
+    return None if kind is None else _KIND_CLASSES[kind].shard_dim
 
 
 @dataclass(frozen=True)
@@ -170,3 +181,28 @@ def optimizer_pieces(optimizer, model: torch.nn.Module, mesh: Mesh
             else:
                 bound.append(StatePiece(f"{spec.global_name}/{key}", tuple(value.shape), spec.box, value))
     return pieces, scalars, bound
+
+
+def layout_boxes(cfg, shapes: dict[str, tuple[int, ...]], pp: int, tp: int, pp_rank: int, tp_rank: int
+                 ) -> dict[str, Box]:
+    """Offline twin of parameter_specs for the converter: the regions pipeline rank `pp_rank`, tensor rank
+    `tp_rank` writes under pp x tp, from the layouts' own pure rules (TP_PLAN; the pipeline's stage split)."""
+    n_layers = cfg.model.n_layers
+    if pp > 1:
+        from engine.parallel.pipeline import head_cost, stage_layers
+
+        mine = {i for r in stage_layers(n_layers, pp, pp_rank, 1, head_cost(cfg.model)) for i in r}
+    else:
+        mine = set(range(n_layers))
+    out = {}
+    for name, shape in shapes.items():
+        if name.startswith("layers."):
+            held = int(name.split(".")[1]) in mine
+        elif name.startswith("tok_embeddings."):
+            held = pp_rank == 0
+        else:  # the final norm and an untied head
+            held = pp_rank == pp - 1
+        dim = planned_shard_dim(name)
+        if held and (dim is not None or tp_rank == 0):
+            out[name] = split_box(shape, dim if tp > 1 else None, tp_rank, tp)
+    return out

@@ -1,0 +1,223 @@
+"""Sharded checkpoints on one process: round trips, async snapshots, damaged files, a save killed by SIGKILL,
+and the `flan checkpoint` commands. (Layout changes across real processes: tests/parallel/.)"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.checkpoint_cli import add_checkpoint_commands, parse_layout
+from engine.config import load_config
+from engine.model import build_model
+from engine.optim import build_optimizer
+from engine.parallel import Mesh
+
+SMALL = ["--model.d_model=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
+         "--model.head_dim=16", "--model.d_ff=128", "--model.vocab_size=256", "--data.seq_len=32"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def trained(flags=(), steps: int = 2, seed: int = 0):
+    """A small model and optimizer after `steps` updates with seeded gradients."""
+    cfg = load_config("configs/tiny.toml", SMALL + list(flags))
+    model = build_model(cfg.model, seed)
+    optimizer = build_optimizer(model, cfg)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        optimizer.step()
+    return cfg, model, optimizer
+
+
+def fresh(cfg, seed: int = 99):
+    model = build_model(cfg.model, seed)
+    return model, build_optimizer(model, cfg)
+
+
+def assert_same_state(a_model, a_opt, b_model, b_opt):
+    for (name, p), q in zip(a_model.named_parameters(), b_model.parameters()):
+        assert torch.equal(p, q), name
+        sa, sb = a_opt.state[p], b_opt.state[q]
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), (name, key)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adafactor"])
+def test_round_trip_restores_weights_optimizer_rng_and_meta(tmp_path, optim):
+    cfg, model, optimizer = trained([f"--optim.name={optim}"])
+    torch.manual_seed(7)
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=2).save(2, model, optimizer, {"config": cfg.to_dict(),
+                                                                                  "data": {"row": 5}})
+    expected_random = torch.rand(3)
+    model2, optimizer2 = fresh(cfg)
+    meta = ckpt.load_checkpoint(path, model2, optimizer2)
+    assert meta["step"] == 2 and meta["data"] == {"row": 5} and meta["layout"] == {"dp": 1, "pp": 1, "tp": 1}
+    assert_same_state(model, optimizer, model2, optimizer2)
+    assert torch.equal(torch.rand(3), expected_random)  # the RNG continues where the saved run was
+    index = json.loads((path / "index.json").read_text())
+    wq = index["tensors"]["layers.0.attn.wq.weight"]
+    assert wq["shape"] == [64, 64] and wq["dtype"] == "float32" and wq["pieces"][0]["box"] == [[0, 64], [0, 64]]
+    assert "output.weight" not in index["tensors"]  # tied: one global tensor
+    for f in path.iterdir():  # no pickle anywhere
+        assert not f.read_bytes().startswith(b"\x80"), f
+
+
+def test_async_save_snapshots_the_weights_and_the_next_save_waits(tmp_path):
+    cfg, model, optimizer = trained()
+    saver = ckpt.Checkpointer(tmp_path, Mesh(), keep=1, async_save=True)
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    saver.save(1, model, optimizer, {"config": cfg.to_dict()})
+    with torch.no_grad():  # training goes on while the thread writes
+        for p in model.parameters():
+            p.add_(1.0)
+    saver.save(2, model, optimizer, {"config": cfg.to_dict()})  # joins the first
+    saver.wait()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000002"]  # keep=1 pruned after completion
+    one = ckpt.load_model_state(tmp_path / "checkpoints" / "step-000002")
+    for (name, p), old in zip(model.named_parameters(), snapshot):
+        assert torch.equal(one[name], p.detach()) and not torch.equal(one[name], old)
+
+
+def test_damaged_checkpoints_name_the_file_and_the_tensor(tmp_path):
+    cfg, model, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=3).save(2, model, optimizer, {"config": cfg.to_dict()})
+    shard = path / "model-r00000.safetensors"
+    data = bytearray(shard.read_bytes())
+
+    data[-40] ^= 0xFF  # one flipped byte in the last tensor's values
+    shard.write_bytes(bytes(data))
+    model2, optimizer2 = fresh(cfg)
+    with pytest.raises(ckpt.CheckpointError, match=r"model-r00000.safetensors: tensor '.*' \(key .*\) fails its "
+                                                   r"checksum"):
+        ckpt.load_checkpoint(path, model2, optimizer2)
+
+    shard.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ckpt.CheckpointError, match=r"model-r00000.safetensors: \d+ bytes but \d+ were written, so "
+                                                   r"the file is truncated .*reading tensor 'tok_embeddings.weight'"):
+        ckpt.load_checkpoint(path, model2, optimizer2)
+
+    shard.unlink()
+    with pytest.raises(ckpt.CheckpointError, match=r"model-r00000.safetensors: missing; index.json lists it for "
+                                                   r"tensor 'tok_embeddings.weight'"):
+        ckpt.load_model_state(path)
+
+    (path / "COMPLETE").unlink()
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    with pytest.raises(ckpt.CheckpointError, match="no COMPLETE marker"):
+        ckpt.load_checkpoint(path, model2, optimizer2)
+
+
+def test_shapes_that_do_not_fit_the_config_are_refused(tmp_path):
+    cfg, model, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, model, optimizer, {"config": cfg.to_dict()})
+    wider, _ = fresh(load_config("configs/tiny.toml", SMALL + ["--model.d_ff=96"]))
+    with pytest.raises(ckpt.CheckpointError, match=r"model-r00000.safetensors: tensor 'layers.0.mlp.w_gate.weight' "
+                                                   r"has global shape \(128, 64\) but the configured model needs "
+                                                   r"\(96, 64\)"):
+        ckpt.load_checkpoint(path, wider, None)
+    deeper, _ = fresh(load_config("configs/tiny.toml", SMALL + ["--model.n_layers=3"]))
+    with pytest.raises(ckpt.CheckpointError, match=r"missing \['layers.2.attn.wk.weight'"):
+        ckpt.load_checkpoint(path, deeper, None)
+    weights_only = ckpt.save_checkpoint(tmp_path / "w", 0, model.state_dict(), None, {}, {"config": cfg.to_dict()},
+                                        keep=1)
+    with pytest.raises(ckpt.CheckpointError, match="holds no optimizer state"):
+        ckpt.load_checkpoint(weights_only, *fresh(cfg))
+
+
+KILLED_RUN = """
+import sys, time
+from engine import checkpoint as ckpt
+from engine.config import load_config
+from engine.corpus import CorpusStream
+from engine.tokenizer import load_tokenizer
+from engine.train import train
+
+real_save_file = ckpt.save_file
+
+def slow_save_file(tensors, path):
+    real_save_file(tensors, path)
+    if "step-000004" in path:  # the fourth save hangs after its first file: a save caught mid-way
+        print("SAVING", flush=True)
+        time.sleep(600)
+
+ckpt.save_file = slow_save_file
+cfg = load_config("configs/tiny.toml", sys.argv[1:])
+tok = load_tokenizer(cfg)
+train(cfg, lambda c: CorpusStream(c, tok))
+"""
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_continues(tmp_path, shared_data):
+    from engine.corpus import CorpusStream
+    from engine.tokenizer import load_tokenizer
+    from engine.train import train
+
+    flags = SMALL + ["--model.vocab_size=4096", "--train.batch_size=4", "--train.steps=6", "--train.ckpt_every=1",
+                     "--train.val_every=0", "--train.keep_checkpoints=2", f"--train.run_dir={tmp_path / 'run'}"]
+    script = tmp_path / "killed_run.py"
+    script.write_text(textwrap.dedent(KILLED_RUN))
+    proc = subprocess.Popen([sys.executable, str(script), *flags], cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        for line in proc.stdout:
+            if line.strip() == "SAVING":
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    run = tmp_path / "run"
+    assert list((run / "checkpoints").glob(".tmp-step-000004-*/model-r00000.safetensors"))  # caught mid-save
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000002", "step-000003"]
+
+    cfg = load_config("configs/tiny.toml", flags + ["--train.resume=true"])
+    tok = load_tokenizer(cfg)
+    train(cfg, lambda c: CorpusStream(c, tok))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed after step 3; the killed run's step-4 line was dropped
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000005", "step-000006"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the killed save's folder is cleaned up
+
+
+def run_cli(argv, capsys):
+    parser = argparse.ArgumentParser(prog="flan")
+    add_checkpoint_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_inspect_and_convert_to_another_layout_and_back(tmp_path, capsys):
+    cfg, model, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, model, optimizer, {"config": cfg.to_dict()})
+    code, out, _ = run_cli(["checkpoint", "inspect", str(path), "--verify"], capsys)
+    assert code == 0 and "step 2, layout dp=1 pp=1 tp=1 (1 ranks)" in out and "checksums verified" in out
+    assert "layers.1.mlp.w_down.weight" in out and "(64, 128)" in out
+
+    sharded = tmp_path / "tp2pp2"
+    code, out, _ = run_cli(["checkpoint", "convert", str(path), str(sharded), "--layout", "dp=1,pp=2,tp=2"], capsys)
+    assert code == 0, out
+    info = json.loads(run_cli(["checkpoint", "inspect", str(sharded), "--json"], capsys)[1])
+    assert info["layout"] == {"dp": 1, "pp": 2, "tp": 2} and info["world_size"] == 4
+    pieces = {t["name"]: t["pieces"] for t in info["tensors"]}
+    assert pieces["layers.0.attn.wq.weight"] == 2 and pieces["layers.0.attn_norm.weight"] == 1
+    back = tmp_path / "single"
+    assert run_cli(["checkpoint", "convert", str(sharded), str(back), "--layout", "dp=1,pp=1,tp=1"], capsys)[0] == 0
+    model2, optimizer2 = fresh(cfg)
+    ckpt.load_checkpoint(back, model2, optimizer2)
+    assert_same_state(model, optimizer, model2, optimizer2)
+
+    code, _, err = run_cli(["checkpoint", "convert", str(path), str(back), "--layout", "tp=2"], capsys)
+    assert code == 1 and "already exists" in err
+    with pytest.raises(argparse.ArgumentTypeError, match="--layout 'tp=two'"):
+        parse_layout("tp=two")
