@@ -53,10 +53,12 @@ if _interpreting():
 def _configs(hopper: list[tuple[int, int, int, int]], interpreter: tuple[int, int]) -> list[triton.Config]:
     """Autotune candidates as (BLOCK_A, BLOCK_B, num_warps, num_stages).
 
-    On a GPU: tiles of 64/128 rows with 4-8 warps and 2-4 pipeline stages, the range that fits
-    Hopper's 228 KB of shared memory at head dims up to 128 (configs that do not fit are dropped by the
-    autotuner). Under the interpreter: one small config, since tuning there only wastes time; 16 is the
-    smallest tile tl.dot accepts.
+    On a GPU: the candidates below were chosen by compiling every kernel for sm_90 (Hopper) at head
+    dims 64 and 128, with and without segments, and keeping tile shapes that ptxas fits in 255
+    registers without (or with only a few bytes of) spills: `python -m benchmarks.attention --ptxas`
+    prints that table again. Which one wins is measured by the autotuner on the GPU. Under the
+    interpreter: one small config, since tuning there only wastes time; 16 is the smallest tile
+    tl.dot accepts.
     """
     if _interpreting():
         hopper = [(*interpreter, 1, 1)]
@@ -65,13 +67,15 @@ def _configs(hopper: list[tuple[int, int, int, int]], interpreter: tuple[int, in
 
 # Forward and dQ: BLOCK_A query rows per program, BLOCK_B keys per step (BLOCK_A % BLOCK_B == 0 so that
 # the causal diagonal starts on a key-tile boundary). dK/dV: BLOCK_A queries per step, BLOCK_B keys per
-# program (BLOCK_B % BLOCK_A == 0 for the same reason, mirrored).
-_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
-                         (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 3)], interpreter=(32, 16))
-_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 2)],
-                       interpreter=(32, 16))
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 2)],
-                         interpreter=(16, 32))
+# program (BLOCK_B % BLOCK_A == 0 for the same reason, mirrored). dK/dV holds two fp32 accumulators of
+# BLOCK_B x D, hence its smaller tiles.
+FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (64, 16, 4, 3)]
+DKDV_CONFIGS = [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 3), (16, 32, 4, 3),
+                (32, 32, 4, 2)]
+_FWD_CONFIGS = _configs(FWD_CONFIGS, interpreter=(32, 16))
+_DQ_CONFIGS = _configs(DQ_CONFIGS, interpreter=(32, 16))
+_DKDV_CONFIGS = _configs(DKDV_CONFIGS, interpreter=(16, 32))
 # Retune per power-of-two sequence length rather than per exact length, so evaluation batches of many
 # lengths do not each trigger a tuning run.
 _AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_SEGMENTS"]
@@ -80,17 +84,22 @@ _AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_SEGMENTS"]
 @triton.jit
 def _allowed(rows_q, cols_k, seg_q, seg_k, seq_len,
              CAUSAL_MASK: tl.constexpr, SEGMENT_MASK: tl.constexpr, BOUNDS_MASK: tl.constexpr):
-    """Boolean tile, True where query index rows_q may attend to key index cols_k.
+    """True where query index rows_q may attend to key index cols_k (at least one mask flag is set).
 
     rows_q/seg_q and cols_k/seg_k come already broadcast against each other ([:, None] and [None, :] in
     either order), so the same helper serves the (query, key) and the transposed (key, query) tiles.
+    Padding queries (segment 0) match padding keys here; callers zero them by other means (forward:
+    the output rows; backward: their log-sum-exp of +inf), which keeps this tile test to one compare.
     """
-    allowed = (rows_q >= 0) & (cols_k >= 0)
-    if CAUSAL_MASK:
-        allowed = allowed & (cols_k <= rows_q)
     if SEGMENT_MASK:
-        allowed = allowed & (seg_q == seg_k) & (seg_q != 0)
-    if BOUNDS_MASK:
+        allowed = seg_q == seg_k
+        if CAUSAL_MASK:
+            allowed = allowed & (cols_k <= rows_q)
+    elif CAUSAL_MASK:
+        allowed = cols_k <= rows_q
+    else:
+        allowed = cols_k < seq_len
+    if BOUNDS_MASK and (SEGMENT_MASK or CAUSAL_MASK):
         allowed = allowed & (cols_k < seq_len)
     return allowed
 
@@ -195,10 +204,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEG, KV_BOUNDS,
                                     seg_base, tl.maximum(lo, mid), hi, seq_len, qk_scale,
                                     BLOCK_N, HEAD_DIM, DOT_PRECISION, CAUSAL, HAS_SEGMENTS, True)
 
-    # 4. Normalise; rows that attended to nothing (padding) have acc = 0 and l = 0 and store 0.
+    # 4. Normalise. Padding rows (segment 0) may have attended to padding keys: they, and any row that
+    #    attended to nothing, store exact zeros and an lse of +inf, which zeroes their P in the backward.
     empty = l_i == 0.0
+    if HAS_SEGMENTS:
+        empty = empty | (seg_q == 0)
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     o_base = O + off_b * stride_ob + off_h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -231,7 +243,7 @@ def _attn_bwd_dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, se
                          CAUSAL_MASK: tl.constexpr, SEGMENT_MASK: tl.constexpr):
     """Add the query tiles [start, end) of one query head to a key tile's dK and dV (transposed tiles).
 
-    Query rows past the sequence load lse = +inf, so their P is exactly 0 and they need no mask.
+    Query rows past the sequence or of padding load lse = +inf, so their P is exactly 0 without a mask.
     """
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(start, end, BLOCK_M):
