@@ -26,12 +26,17 @@ Why the gradient is written during the forward (Liger-Kernel's choice) rather th
     serves both functions.
   * Traffic: the fused kernel reads a row, reads it again while it is still in L2 (one program per row;
     about 132 rows of 256 KB are in flight on an H100/H200, within its 50 MB L2), and writes its gradient.
-    A separate backward reads every row cold twice (once per pass) after the whole forward has evicted it.
+    A separate backward reads the logits cold in the forward and cold again in the backward, after the
+    rest of the forward has evicted them: one more pass over (N, V) from HBM.
   * Memory: autograd keeps the gradient (the logits' size) instead of the logits; the caller's logits
     can be freed as soon as the forward returns.
   The cost, computing a gradient nobody uses, is avoided: no gradient is computed when the logits (or
-  hidden / weight) do not require one. benchmarks/cross_entropy.py times a separate-backward variant
-  built from the same kernels, so the choice can be re-checked on a GPU.
+  hidden / weight) do not require one. This rests on the analysis above until a GPU measures it:
+  benchmarks/cross_entropy.py times a separate-backward variant built from the same kernels.
+Unlike Liger-Kernel, cross_entropy writes the gradient into a new buffer rather than over the logits
+(a caller who keeps its logits would find them overwritten), so its forward briefly holds one more
+(N, V) tensor; linear_cross_entropy is the memory-lean path. Ignored rows are never read: the kernels
+write their zero gradient and stop, and linear_cross_entropy drops them before its matmuls.
 """
 from __future__ import annotations
 
