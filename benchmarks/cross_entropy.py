@@ -6,6 +6,7 @@ kernels.cross_entropy.linear_cross_entropy against torch eager, torch.compile an
     python benchmarks/cross_entropy.py --check-bf16        # GPU: bf16 loss and gradients against fp32
     python benchmarks/cross_entropy.py --smoke             # CPU: tiny fp32 shapes, Triton interpreter
     python benchmarks/cross_entropy.py --tokens 16384 --vocab 131072 --ignore-fraction 0.5   # one SFT-like case
+    python benchmarks/cross_entropy.py --providers ours liger     # skip the slow-to-compile / OOM-prone peers
 
 Liger-Kernel is optional: `pip install --no-deps .whl/liger_kernel-0.8.5-py3-none-any.whl` (the wheel is
 carried to the GPU machine; `pip download --no-deps liger-kernel==0.8.5 -d .whl` fetches it).
@@ -144,7 +145,8 @@ def bench_case(op, name, fn, n, v, d, dtype, device, args) -> dict:
 def run_benchmark(args, device: torch.device, dtype: torch.dtype) -> None:
     rows = []
     for op in ("cross_entropy", "linear_cross_entropy"):
-        found = providers(op, device)
+        found = {name: fn for name, fn in providers(op, device).items()
+                 if args.providers is None or name in args.providers}
         for name, reason in found.items():
             if isinstance(reason, str):
                 print(f"{op} / {name}: {reason}")
@@ -204,6 +206,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536], help="N values")
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 65536, 131072, 262144], help="V values")
     parser.add_argument("--dim", type=int, default=4096, help="hidden size D of linear_cross_entropy")
+    parser.add_argument("--providers", nargs="+", default=None,
+                        help="only these (torch, torch.compile, liger, ours, ours-separate-bwd); default all")
     parser.add_argument("--ignore-fraction", type=float, default=0.0,
                         help="share of targets set to -100 (instruction tuning ignores its prompts: try 0.5)")
     parser.add_argument("--warmup", type=int, default=3)
