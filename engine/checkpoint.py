@@ -534,6 +534,7 @@ def _restore_optimizer(reader: Reader, optimizer, model: torch.nn.Module, mesh: 
                 for key in scalars:
                     state[key] = torch.tensor(index["scalars"][f"{spec.global_name}/{key}"], dtype=torch.float32)
             optimizer.inner.state[shard] = {k: v.to(shard.device) for k, v in state.items()}
+            _refresh_zero_master(shard, bucket, lo, hi)
         return
     optimizer.state.clear()
     for p in (p for g in optimizer.param_groups for p in g["params"]):
@@ -548,6 +549,15 @@ def _restore_optimizer(reader: Reader, optimizer, model: torch.nn.Module, mesh: 
             state[key] = torch.tensor(index["scalars"][f"{spec.global_name}/{key}"], dtype=torch.float32)
         if state:
             optimizer.state[p] = state
+
+
+@torch.no_grad()
+def _refresh_zero_master(shard: torch.Tensor, bucket, lo: int, hi: int) -> None:
+    """ZeRO-1 steps a flat copy of its slice of the weights: copy the just-loaded weights into it."""
+    for p, offset in zip(bucket.params, bucket.offsets):
+        start, stop = max(lo, offset), min(hi, offset + p.numel())
+        if start < stop:
+            shard[start - lo:stop - lo] = p.detach().reshape(-1)[start - offset:stop - offset].to(shard.dtype)
 
 
 def _flat_index(shape: tuple[int, ...], box: Box) -> int:
