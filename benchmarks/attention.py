@@ -3,6 +3,7 @@
     python -m benchmarks.attention                       # GPU: S 512..16k, D 64/128, bf16, causal
     python -m benchmarks.attention --smoke               # CPU (Triton interpreter), tiny shapes, end to end
     python -m benchmarks.attention --check-bf16 --out benchmarks/results/attention-<gpu>   # GPU correctness
+    python -m benchmarks.attention --check fp16 --smoke  # the same check on the CPU interpreter, tiny shapes
 
 Throughput follows FlashAttention's convention: forward FLOPs = 4 * B * H * S^2 * D, halved when
 causal; backward = 2.5 x forward; forward+backward = 3.5 x forward. Packed rows (documents of mixed
@@ -159,56 +160,71 @@ def packing_summary(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def check_bf16(args) -> list[dict]:
-    """bf16 outputs and grads of our kernel and of SDPA flash against the fp32 reference (GPU only)."""
-    if not torch.cuda.is_available():
-        raise SystemExit("--check-bf16 needs a CUDA GPU: Triton's CPU interpreter does not compute bfloat16")
+CHECK_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CHECK_TOLERANCE = {"bf16": 1e-2, "fp16": 2e-3, "fp32": 1e-5}  # relative Frobenius error, as in the tests
+
+
+def check_cases(smoke: bool) -> list[tuple[int, int, int, int, str]]:
+    """(D, S, Hq, Hkv, layout) for the correctness check; tiny under --smoke (the CPU interpreter)."""
+    if smoke:
+        return [(32, 40, 2, 1, "unpacked"), (64, 50, 2, 2, "packed+padding")]
+    shapes = [(128, 4, 4, "unpacked"), (1000, 8, 2, "unpacked"), (1000, 8, 2, "packed+padding"),
+              (2048, 8, 1, "packed+padding")]
+    return [(D, *shape) for D in (32, 64, 128) for shape in shapes]
+
+
+def check_correctness(args) -> list[dict]:
+    """Outputs and grads of our kernel (and of SDPA flash on a GPU) in args.check dtype vs the fp32 reference."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = CHECK_DTYPES[args.check]
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        raise SystemExit("--check bf16 needs a CUDA GPU: Triton's CPU interpreter does not compute bfloat16; "
+                         "on the CPU run --check fp16 or --check fp32")
+    tolerance = CHECK_TOLERANCE[args.check]
+
+    def sdpa_flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+
     rows = []
-    for head_dim in (32, 64, 128):
-        for seq_len, heads, kv_heads, layout in ((128, 4, 4, "unpacked"), (1000, 8, 2, "unpacked"),
-                                                 (1000, 8, 2, "packed+padding"), (2048, 8, 1, "packed+padding")):
-            batch = 2
-            segment_ids = None
-            if layout != "unpacked":
-                segment_ids = document_ids(batch, seq_len, 1, seq_len // 3, seed=seq_len).to(device)
-                segment_ids[:, seq_len - seq_len // 10:] = 0  # padding at the end of each row
-            gen = torch.Generator(device=device).manual_seed(head_dim + seq_len)
-            q, k, v = (torch.randn(batch, seq_len, h, head_dim, generator=gen, device=device)
-                       for h in (heads, kv_heads, kv_heads))
-            grad_out = torch.randn(batch, seq_len, heads, head_dim, generator=gen, device=device)
+    for head_dim, seq_len, heads, kv_heads, layout in check_cases(args.smoke):
+        batch = 2
+        segment_ids = None
+        if layout != "unpacked":
+            segment_ids = document_ids(batch, seq_len, 1, seq_len // 3, seed=seq_len).to(device)
+            segment_ids[:, seq_len - seq_len // 10:] = 0  # padding at the end of each row
+        gen = torch.Generator(device=device).manual_seed(head_dim + seq_len)
+        q, k, v = (torch.randn(batch, seq_len, h, head_dim, generator=gen, device=device)
+                   for h in (heads, kv_heads, kv_heads))
+        grad_out = torch.randn(batch, seq_len, heads, head_dim, generator=gen, device=device)
 
-            def outputs(fn, dtype):
-                leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-                out = fn(*leaves)
-                return [out, *torch.autograd.grad(out, leaves, grad_out.to(dtype))]
+        def outputs(fn, out_dtype):
+            leaves = [t.to(out_dtype).requires_grad_() for t in (q, k, v)]
+            out = fn(*leaves)
+            return [out, *torch.autograd.grad(out, leaves, grad_out.to(out_dtype))]
 
-            ref = outputs(lambda *t: attention_reference(*t, causal=True, segment_ids=segment_ids), torch.float32)
-            candidates = {"triton": lambda *t: flash_attention(*t, causal=True, segment_ids=segment_ids)}
-            if segment_ids is None:
-                def sdpa_flash(q_, k_, v_):
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return torch.nn.functional.scaled_dot_product_attention(
-                            q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2), is_causal=True,
-                            enable_gqa=True).transpose(1, 2)
-                candidates["sdpa-flash"] = sdpa_flash
-            for provider, fn in candidates.items():
-                got = outputs(fn, torch.bfloat16)
-                errs = {name: ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
-                        for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
-                rows.append(dict(provider=provider, layout=layout, D=head_dim, S=seq_len, Hq=heads, Hkv=kv_heads,
-                                 **{f"rel_{n}": e for n, e in errs.items()},
-                                 ok=all(e <= args.bf16_tolerance for e in errs.values())))
+        ref = outputs(lambda *t: attention_reference(*t, causal=True, segment_ids=segment_ids), torch.float32)
+        candidates = {"triton": lambda *t: flash_attention(*t, causal=True, segment_ids=segment_ids)}
+        if segment_ids is None and device.type == "cuda" and dtype != torch.float32:
+            candidates["sdpa-flash"] = sdpa_flash  # the error a production kernel makes, for scale
+        for provider, fn in candidates.items():
+            errors = {f"rel_{name}": ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
+                      for name, a, b in zip(("out", "dq", "dk", "dv"), outputs(fn, dtype), ref)}
+            rows.append(dict(provider=provider, dtype=args.check, layout=layout, D=head_dim, S=seq_len, Hq=heads,
+                             Hkv=kv_heads, **errors, ok=all(e <= tolerance for e in errors.values())))
     return rows
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny CPU shapes (the default when no GPU is present)")
-    p.add_argument("--check-bf16", action="store_true", help="GPU: bf16 outputs/grads vs the fp32 reference")
-    p.add_argument("--bf16-tolerance", type=float, default=1e-2, help="max relative Frobenius error in bf16")
+    p.add_argument("--check", choices=sorted(CHECK_DTYPES), default=None,
+                   help="instead of timing: outputs/grads in this dtype vs the fp32 reference")
+    p.add_argument("--check-bf16", dest="check", action="store_const", const="bf16", help="same as --check bf16 (GPU)")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--model-dim", type=int, default=2048, help="heads = model_dim / D (FlashAttention's setup)")
@@ -231,13 +247,15 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     out = output_dir("attention", args.out)
     meta = dict(environment(), args=vars(args))
-    if args.check_bf16:
-        rows = check_bf16(args)
-        print_table(rows, ["provider", "layout", "D", "S", "Hq", "Hkv", "rel_out", "rel_dq", "rel_dk", "rel_dv", "ok"],
-                    title=f"bf16 vs fp32 reference (relative Frobenius error, tolerance {args.bf16_tolerance})")
-        print(f"wrote {write_json(out / 'bf16_check.json', rows, meta)}")
+    if args.check:
+        rows = check_correctness(args)
+        print_table(rows, ["provider", "dtype", "layout", "D", "S", "Hq", "Hkv", "rel_out", "rel_dq", "rel_dk",
+                           "rel_dv", "ok"],
+                    title=f"{args.check} vs the fp32 reference (relative Frobenius error, "
+                          f"tolerance {CHECK_TOLERANCE[args.check]})")
+        print(f"wrote {write_json(out / f'check_{args.check}.json', rows, meta)}")
         if not all(r["ok"] for r in rows if r["provider"] == "triton"):
-            raise SystemExit("bf16 check failed: see the table above")
+            raise SystemExit(f"{args.check} check failed: see the table above")
         return
     rows = benchmark(args)
     for pass_name in PASSES:
