@@ -259,8 +259,8 @@ def _combine_statistics(stats: torch.Tensor, group, world: int):
     return row_max + torch.log(sum_exp), target_logit, logit_sum
 
 
-def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int, label_smoothing: float,
-                       z_loss: float, group, row_scale: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
+def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int, label_smoothing: float,
+                          z_loss: float, group, row_scale: torch.Tensor, grad: torch.Tensor | None) -> torch.Tensor:
     """Per-row float32 losses of `logits` (N, V_local), writing their gradients into `grad` when given.
 
     The gradient of row i is multiplied by row_scale[i] (row_scale of one element applies to every row);
@@ -309,7 +309,7 @@ def _row_scale(valid_count: torch.Tensor, reduction: str) -> torch.Tensor:
     return torch.ones(1, device=valid_count.device, dtype=torch.float32)
 
 
-def _scale_by_upstream(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
+def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
     """The (N, V) gradient times the upstream gradient, in place: a scalar, or one value per row for "none"."""
     return grad.mul_(grad_output.reshape(-1, 1) if reduction == "none" else grad_output)
 
@@ -322,9 +322,9 @@ class _CrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, reduction, group):
         valid_count = (target != ignore_index).sum()
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        row_losses = cross_entropy_rows(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                                        z_loss=z_loss, group=group, row_scale=_row_scale(valid_count, reduction),
-                                        grad=grad)
+        row_losses = cross_entropy_forward(logits, target, ignore_index=ignore_index,
+                                           label_smoothing=label_smoothing, z_loss=z_loss, group=group,
+                                           row_scale=_row_scale(valid_count, reduction), grad=grad)
         ctx.reduction = reduction
         if grad is not None:
             ctx.save_for_backward(grad)
@@ -335,7 +335,7 @@ class _CrossEntropy(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # The common case loss.backward() passes exactly 1: skip a full pass over the (N, V) gradient.
         if ctx.reduction == "none" or not torch.equal(grad_output, torch.ones_like(grad_output)):
-            grad = _scale_by_upstream(grad, grad_output, ctx.reduction)
+            grad = cross_entropy_backward(grad, grad_output, ctx.reduction)
         return grad, None, None, None, None, None, None
 
 
@@ -355,8 +355,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
                      label_smoothing, z_loss, reduction, world)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()  # the kernels walk columns with unit stride
-    return _CrossEntropy.apply(logits, target.contiguous(), ignore_index, float(label_smoothing), float(z_loss), reduction,
-                               group)
+    return _CrossEntropy.apply(logits, target.contiguous(), ignore_index, float(label_smoothing), float(z_loss),
+                               reduction, group)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ def _chunked_pass(hidden, weight, target, *, ignore_index, label_smoothing, z_lo
         hidden_chunk = hidden[start:stop]
         logits = hidden_chunk @ weight.t()  # (chunk, V_local): the only vocabulary-sized tensor
         scale = row_scale if row_scale.numel() == 1 else row_scale[start:stop]
-        row_losses[start:stop] = cross_entropy_rows(
+        row_losses[start:stop] = cross_entropy_forward(
             logits, target[start:stop], ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
             group=group, row_scale=scale, grad=logits if need_grad else None)
         if need_hidden_grad:
