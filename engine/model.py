@@ -178,7 +178,10 @@ class OutputHead(nn.Module):
         if impl == "fused":
             from kernels.cross_entropy import linear_cross_entropy
 
-            return linear_cross_entropy(h, self.weight, labels, reduction=reduction)
+            # The kernel takes one dtype: under autocast, the autocast dtype (fp32 master weights are cast).
+            dev = h.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+            return linear_cross_entropy(h.to(dtype), self.weight.to(dtype), labels, reduction=reduction)
         logits = self(h)
         if impl == "triton":
             from kernels.cross_entropy import cross_entropy
