@@ -13,10 +13,12 @@ Parameters, gradients, optimizer state (ZeRO paper's accounting, Rajbhandari et 
                       AdamW m and v 4 + 4 (16 B/param in all), Adafactor's factored second moment r + c fp32
                       per (r, c) matrix and n per vector (no first moment, as torch.optim.Adafactor and FLAN).
     fp32 (CPU)        weights 4 + gradients 4, no master copy; the same optimizer state.
-ZeRO-1 divides the master weights and the optimizer state by dp. Under tensor parallelism the block matrices
+ZeRO-1 divides the master weights and the optimizer state by dp (offered with AdamW only: the engine's ZeRO-1
+shards elementwise state, and Adafactor's factors are not). Under tensor parallelism the block matrices
 and the vocabulary are split t ways (TP_PLAN in engine/parallel/tensor.py decides which), norms are replicated.
-A pipeline rank holds ceil(L / (p v)) layers per chunk and v chunks; the first also holds the embedding, the
-last the final norm and the head (a copy of the tied embedding when p > 1, as Megatron-LM keeps).
+A pipeline rank holds ceil(L / (p v)) layers per chunk and v chunks (an even split: the engine's split weighs the
+head too and may move a layer or two off the last stage); the first also holds the embedding, the last the final
+norm and the head (a copy of the tied embedding when p > 1, as Megatron-LM keeps).
 
 Activations saved for backward, per layer and microbatch. Korthikanti et al. 2022 count sbh(34 + 5as/h) bytes
 for GPT (LayerNorm, GeLU MLP of 4h, dropout, unfused attention). Re-derived for this block (RMSNorm, RoPE, GQA,
@@ -358,6 +360,8 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> list[La
             dp = gpus // (tp * pp)
             if pp > m.n_layers or batch % dp:
                 continue
+            # ZeRO-1 here shards AdamW's elementwise state only (engine/parallel/data.py refuses Adafactor).
+            zero_choices = (0, 1) if dp > 1 and cfg.optim.name == "adamw" else (0,)
             schedules = [("none", 1)] if pp == 1 else [("gpipe", 1), ("1f1b", 1)]
             if pp > 1 and m.n_layers >= 2 * pp:
                 schedules.append(("interleaved", 2))
@@ -365,7 +369,7 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> list[La
                 for mb in _divisors(batch // dp):
                     if schedule == "interleaved" and mb % pp:
                         continue  # Megatron-LM's interleaved schedule needs m a multiple of p
-                    for zero in ((0, 1) if dp > 1 else (0,)):
+                    for zero in zero_choices:
                         for recompute in (False, True):
                             out.append(Layout(dp, pp, tp, mb, schedule, v, zero, recompute, sp_choices[0]))
     return out

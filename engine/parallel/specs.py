@@ -8,7 +8,7 @@ layout; it reads what the layouts record:
     tensor parallelism   `tensor.shard_dims(model)` (the dimension each module splits) and mesh.tp_rank: the
                          slices are equal and contiguous, in tp-rank order;
     pipeline             stages delete modules and keep the single-device names, so a local name is global;
-                         the last stage's copy of a tied embedding is `pipeline.counts_tied_copy`;
+                         the last stage's copy of a tied embedding is `pipeline.is_tied_copy`;
     data parallelism     replicas hold the same tensors; ZeRO-1's `ZeroAdamW` steps a flat slice of each
                          gradient bucket (`sync.buckets`, `sync.shard_range`), mapped back here to the
                          parameters and boxes it covers.
@@ -105,9 +105,9 @@ def offset_box(box: Box, origin: Box) -> Box:
 def _is_tied_copy(model: torch.nn.Module, param: torch.nn.Parameter, mesh: Mesh) -> bool:
     if getattr(model, "pipeline", None) is None:
         return False
-    from engine.parallel.pipeline import counts_tied_copy
+    from engine.parallel.pipeline import is_tied_copy
 
-    return counts_tied_copy(model, param, mesh.pp_rank)
+    return is_tied_copy(model, param, mesh.pp_rank)
 
 
 def parameter_specs(model: torch.nn.Module, mesh: Mesh) -> dict[str, ShardSpec]:
