@@ -1,0 +1,122 @@
+"""Rank-classification throughput of our scorer against lm-evaluation-harness, same model, same examples.
+
+    python -m benchmarks.scorer                                 # tiny shape, rte/copa/hellaswag, 48 examples
+    python -m benchmarks.scorer --checkpoint runs/tiny-flan --examples 96 --batch-sizes 4,16,32
+
+The model (random weights in the `configs/tiny.toml` shape, or a checkpoint) is exported with engine/hf.py
+and loaded by lm-eval's HFLM (fp32, CPU). Both score every option of the same rendered requests (template 0
+of each dataset's validation rows): ours with flan.scorer.rank_classify (each prompt once, its KV cache
+shared by the options), lm-eval through its loglikelihood path (one (context, " " + option) request per
+option). Reported: examples per second by wall clock and by this process's CPU time (the fair figure on a
+shared machine, where other work steals the cores), each the best of the timed repetitions after a warm-up;
+the largest per-option log-likelihood difference; whether the accuracies are equal. Writes
+runs/bench/scorer/results.json and examples_per_s.png (per CPU second).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import environment, output_dir, plot_lines, print_table, write_json
+from engine.checkpoint import save_checkpoint
+from engine.config import Config, load_config
+from engine.hf import export_hf
+from engine.model import build_model
+from engine.paths import shared_data_dir
+from engine.tokenizer import load_tokenizer
+from flan.evaluate import build_requests
+from flan.loaders import load_split
+from flan.peer import hflm, lm_eval_loglikelihoods
+from flan.registry import load_registry
+from flan.scorer import rank_classify
+
+
+def model_and_export(args, work: Path):
+    """Our model and its exported HF folder: a checkpoint's, or random weights in the config's shape."""
+    from flan.eval_cli import load_model, resolve_checkpoint
+
+    if args.checkpoint:
+        step = resolve_checkpoint(args.checkpoint, "--checkpoint")
+        model, tokenizer, _ = load_model(step, torch.device("cpu"))
+    else:
+        cfg: Config = load_config(args.config)
+        tokenizer = load_tokenizer(cfg)
+        cfg.data.tokenizer = str(tokenizer.path)
+        model = build_model(cfg.model, seed=0).eval()
+        step = save_checkpoint(work / "run", 0, model.state_dict(), None, {}, {"config": cfg.to_dict()}, keep=1)
+    return model, tokenizer, export_hf(step, work / "hf")
+
+
+def best_times(fn, reps: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of the fastest of `reps` calls after one untimed warm-up call."""
+    fn()
+    runs = []
+    for _ in range(reps):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        runs.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return min(w for w, _ in runs), min(c for _, c in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/tiny.toml", help="model shape when no checkpoint is given")
+    parser.add_argument("--checkpoint", help="run or step folder to score with instead of random weights")
+    parser.add_argument("--datasets", default="rte,copa,hellaswag")
+    parser.add_argument("--examples", type=int, default=48)
+    parser.add_argument("--batch-sizes", default="4,16")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--out", help="output folder (default runs/bench/scorer)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-scorer-"))
+    model, tokenizer, hf_dir = model_and_export(args, work)
+    registry, data_dir = load_registry(), shared_data_dir()
+    rows = []
+    for name in args.datasets.split(","):
+        spec = registry.get(name)
+        val = load_split(spec, "validation", data_dir=data_dir).rows
+        requests = build_requests(spec, val, list(range(min(args.examples, len(val)))), 0)
+        golds = [r.gold for r in requests]
+        for bs in [int(b) for b in args.batch_sizes.split(",")]:
+            lm = hflm(hf_dir, bs)
+            ours = rank_classify(model, tokenizer, requests, batch_size=bs, input_len=2048)
+            theirs = lm_eval_loglikelihoods(lm, requests)
+            diff = max(abs(a - b) for r, t in zip(ours, theirs) for a, b in zip(r.logprobs, t))
+            acc_ours = sum(r.prediction == g for r, g in zip(ours, golds)) / len(golds)
+            acc_theirs = sum(max(range(len(t)), key=t.__getitem__) == g for t, g in zip(theirs, golds)) / len(golds)
+            timings = {
+                "ours": best_times(lambda: rank_classify(model, tokenizer, requests, batch_size=bs, input_len=2048),
+                                   args.reps),
+                "lm-eval": best_times(lambda: lm_eval_loglikelihoods(lm, requests), args.reps),
+            }
+            for provider, (wall, cpu) in timings.items():
+                rows.append({"dataset": name, "provider": provider, "batch_size": bs, "examples": len(requests),
+                             "options": sum(len(r.options) for r in requests), "wall_s": wall, "cpu_s": cpu,
+                             "examples_per_s": len(requests) / wall, "examples_per_cpu_s": len(requests) / cpu,
+                             "max_ll_diff": diff,
+                             "acc": acc_ours if provider == "ours" else acc_theirs,
+                             "acc_equal": acc_ours == acc_theirs})
+            del lm
+    for r in rows:
+        ref = next(x for x in rows if x["dataset"] == r["dataset"] and x["batch_size"] == r["batch_size"]
+                   and x["provider"] == "lm-eval")
+        r["speedup_wall"] = r["examples_per_s"] / ref["examples_per_s"]
+        r["speedup_cpu"] = r["examples_per_cpu_s"] / ref["examples_per_cpu_s"]
+    columns = ["dataset", "provider", "batch_size", "examples", "options", "examples_per_s", "examples_per_cpu_s",
+               "speedup_wall", "speedup_cpu", "acc", "acc_equal", "max_ll_diff"]
+    print_table(rows, columns, title=f"rank classification on CPU ({torch.get_num_threads()} threads)")
+    out = output_dir("scorer", args.out)
+    write_json(out / "results.json", rows, meta=dict(environment(), threads=torch.get_num_threads(),
+                                                     checkpoint=args.checkpoint or f"random {args.config}"))
+    plot_lines(rows, x="batch_size", y="examples_per_cpu_s", series=("provider", "dataset"),
+               path=out / "examples_per_s.png", title="rank classification, examples per CPU second")
+    print(f"wrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
