@@ -79,12 +79,12 @@ def _crc(t: torch.Tensor) -> int:
     return zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def _owned(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    """A CPU tensor safetensors accepts: a private copy (async saves snapshot), or a view of a larger buffer
-    (ZeRO slices, tied or fused storage) cloned, since safetensors refuses tensors that share memory."""
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor safetensors accepts: the tensor itself, or a copy when it is a view into a larger buffer
+    (ZeRO slices), since safetensors refuses tensors that share memory."""
     t = t.detach()
     whole = t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    if copy or not whole or not t.is_contiguous():
+    if not whole or not t.is_contiguous():
         return t.to("cpu", copy=True).contiguous()
     return t.cpu()
 
@@ -94,44 +94,61 @@ def _dtype_name(t: torch.Tensor) -> str:
 
 
 class Share:
-    """One rank's files (name -> {key: tensor}) and its part of the index."""
+    """One rank's files (name -> {key: tensor}) and its part of the index.
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    With `staging` (async saves) every tensor is copied into a CPU buffer kept in that dict and reused by the
+    next save, so that training may change the originals while a thread writes; allocating fresh memory for
+    each snapshot costs more than the copy itself."""
+
+    def __init__(self, rank: int, staging: dict[str, torch.Tensor] | None = None):
+        self.rank, self.staging = rank, staging
         self.files: dict[str, dict[str, torch.Tensor]] = {}
         self.tensors: dict[str, dict] = {}
         self.bound: dict[str, dict] = {}
 
-    def add(self, kind: str, global_name: str, global_shape, box: Box, tensor: torch.Tensor, copy: bool) -> None:
-        file = f"{kind}-r{self.rank:05d}.safetensors"
-        entries = self.tensors.setdefault(global_name, {"shape": list(global_shape), "dtype": _dtype_name(tensor),
-                                                        "kind": kind, "pieces": []})
-        key = f"{global_name}#{len(entries['pieces'])}"
-        data = _owned(tensor, copy)
+    def _stage(self, file: str, key: str, t: torch.Tensor) -> None:
+        if self.staging is None:
+            data = _owned(t)
+        else:
+            data = self.staging.get(key)
+            if data is None or data.shape != t.shape or data.dtype != t.dtype:
+                data = self.staging[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+            data.copy_(t.detach())
         self.files.setdefault(file, {})[key] = data
-        entries["pieces"].append({"file": file, "key": key, "box": [list(b) for b in box]})
+
+    def add(self, kind: str, global_name: str, global_shape, box: Box, tensor: torch.Tensor) -> None:
+        """A region (`box`) of a global tensor, resharded freely on load."""
+        file = f"{kind}-r{self.rank:05d}.safetensors"
+        entry = self.tensors.setdefault(global_name, {"shape": list(global_shape), "dtype": _dtype_name(tensor),
+                                                      "kind": kind, "pieces": []})
+        key = f"{global_name}#{len(entry['pieces'])}"
+        self._stage(file, key, tensor)
+        entry["pieces"].append({"file": file, "key": key, "box": [list(b) for b in box]})
+
+    def add_bound(self, state_name: str, box: Box, tensor: torch.Tensor) -> None:
+        """Optimizer state that only the parameter slice `box` it was computed over can use (Adafactor's factors)."""
+        file = f"optim-r{self.rank:05d}.safetensors"
+        key = f"{state_name}@{self.rank}"
+        self._stage(file, key, tensor)
+        entry = self.bound.setdefault(state_name, {"shape": list(tensor.shape), "pieces": []})
+        entry["pieces"].append({"file": file, "key": key, "box": [list(b) for b in box]})
 
 
-def _rank_share(model: torch.nn.Module, optimizer, mesh: Mesh, copy: bool) -> tuple[Share, dict]:
-    """This rank's tensors to write, and the JSON part (optimizer scalars, layout-bound state, RNG)."""
-    share = Share(mesh.rank)
+def _rank_share(model: torch.nn.Module, optimizer, mesh: Mesh, staging: dict | None) -> tuple[Share, dict]:
+    """This rank's tensors to write, and the JSON part (optimizer scalars, RNG)."""
+    share = Share(mesh.rank, staging)
     specs = parameter_specs(model, mesh)
     for name, p in model.named_parameters():
         spec = specs[name]
         if spec.writes:
-            share.add("model", spec.global_name, spec.global_shape, spec.box, p, copy)
+            share.add("model", spec.global_name, spec.global_shape, spec.box, p)
     scalars: dict[str, float] = {}
     if optimizer is not None:
         pieces, scalars, bound = optimizer_pieces(optimizer, model, mesh)
         for piece in pieces:
-            share.add("optim", piece.global_name, piece.global_shape, piece.box, piece.tensor, copy)
+            share.add("optim", piece.global_name, piece.global_shape, piece.box, piece.tensor)
         for piece in bound:
-            file = f"optim-r{mesh.rank:05d}.safetensors"
-            key = f"{piece.global_name}@{mesh.rank}"
-            share.files.setdefault(file, {})[key] = _owned(piece.tensor, copy)
-            share.bound.setdefault(piece.global_name, {"shape": list(piece.global_shape), "pieces": []})
-            share.bound[piece.global_name]["pieces"].append(
-                {"file": file, "key": key, "box": [list(b) for b in piece.box]})
+            share.add_bound(piece.global_name, piece.box, piece.tensor)
     rng_tensors, rng_json = _rng_state()
     share.files[f"rng-r{mesh.rank:05d}.safetensors"] = rng_tensors
     return share, {"scalars": scalars, "rng": rng_json}
@@ -260,13 +277,14 @@ class Checkpointer:
         if mesh.world_size > 1:
             dist.broadcast(session, src=0)  # one temporary folder name for every rank of this save
         self.session = f"{int(session):x}"
+        self._staging: dict[str, torch.Tensor] = {}
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def save(self, step: int, model: torch.nn.Module, optimizer, meta: dict[str, Any]) -> Path:
         """Write step-<step> (meta: config, data position, ... as JSON); returns its final path."""
         self.wait()
-        share, extra = _rank_share(model, optimizer, self.mesh, copy=self.async_save)
+        share, extra = _rank_share(model, optimizer, self.mesh, self._staging if self.async_save else None)
         kind = None if optimizer is None else "zero1" if is_zero_optimizer(optimizer) else "torch"
         meta = json.loads(json.dumps(meta))  # a snapshot: the data stream moves on while an async save runs
         return self._save_share(step, share, extra, dict(meta, optimizer_kind=kind))
@@ -336,7 +354,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch
                          "step, model, optimizer, meta), which records the layout's shards")
     share = Share(0)
     for name, t in dedup_tied(model_state).items():
-        share.add("model", name, tuple(t.shape), tuple((0, n) for n in t.shape), t, copy=False)
+        share.add("model", name, tuple(t.shape), tuple((0, n) for n in t.shape), t)
     rng_tensors, rng_json = _rng_state()
     share.files["rng-r00000.safetensors"] = rng_tensors
     return Checkpointer(run_dir, Mesh(), keep)._save_share(step, share, {"scalars": {}, "rng": rng_json},

@@ -95,7 +95,7 @@ def convert(src: Path, out: Path, layout: dict[str, int], weights_only: bool) ->
         if dp_rank == 0:
             boxes = layout_boxes(cfg, model_shapes, layout["pp"], layout["tp"], pp_rank, tp_rank)
             for name, box in boxes.items():
-                share.add("model", name, model_shapes[name], box, reader.region(name, box, None), copy=False)
+                share.add("model", name, model_shapes[name], box, reader.region(name, box, None))
                 if not weights_only:
                     _convert_state(reader, share, name, box)
         share.files[f"rng-r{rank:05d}.safetensors"] = rng_tensors
@@ -113,15 +113,10 @@ def _convert_state(reader, share, name: str, box) -> None:
     index = reader.index
     for state_name, entry in index["tensors"].items():
         if entry["kind"] == "optim" and state_name.rsplit("/", 1)[0] == name:
-            share.add("optim", state_name, tuple(entry["shape"]), box, reader.region(state_name, box, None), False)
+            share.add("optim", state_name, tuple(entry["shape"]), box, reader.region(state_name, box, None))
     for state_name in index["bound_state"]:
         if state_name.rsplit("/", 1)[0] == name:
-            tensor = ckpt.bound_state(reader, state_name, box)
-            file = f"optim-r{share.rank:05d}.safetensors"
-            key = f"{state_name}@{share.rank}"
-            share.files.setdefault(file, {})[key] = tensor
-            share.bound.setdefault(state_name, {"shape": list(tensor.shape), "pieces": []})["pieces"].append(
-                {"file": file, "key": key, "box": [list(b) for b in box]})
+            share.add_bound(state_name, box, ckpt.bound_state(reader, state_name, box))
 
 
 def cmd_convert(args) -> int:
