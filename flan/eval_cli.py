@@ -41,8 +41,7 @@ def load_model(step_dir: Path, device: torch.device):
     from engine.tokenizer import load_tokenizer
 
     cfg = config_from_dict(load_meta(step_dir)["config"], f"{step_dir} (its stored config)")
-    with torch.device("cpu"):
-        model = build_model(cfg.model, cfg.train.seed)
+    model = build_model(cfg.model, cfg.train.seed)
     apply_model_state(model, load_model_state(step_dir), step_dir)
     return model.to(device).eval(), load_tokenizer(cfg), cfg
 
@@ -128,9 +127,9 @@ def _guarded(handler):
     from flan.templates import TemplateError
 
     def run(args) -> int:
-        if handler is not cmd_eval and args.overrides:
-            raise CommandError(f"{args.command} takes no --section.field overrides (got {args.overrides})")
         try:
+            if handler is not cmd_eval and args.overrides:
+                raise CommandError(f"{args.command} takes no --section.field overrides (got {args.overrides})")
             return handler(args)
         except (CommandError, CheckpointError, HFError, EvalError, DataError, RegistryError, TemplateError,
                 FileNotFoundError) as e:

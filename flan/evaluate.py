@@ -8,7 +8,8 @@ with a fixed seed and cut to `limit`; the first half is the dev split, used only
 and the second half is the test split on which every reported number is measured. FLAN evaluates the
 templates that ask the task itself: "turned around" templates (write a hypothesis for a given answer)
 are left out. Few-shot prompts (FLAN's format) prepend k train exemplars rendered with the same template,
-each "prompt\\ntarget", joined and followed by the test prompt with EXEMPLAR_SEPARATOR.
+each "prompt\\ntarget", joined and followed by the test prompt with EXEMPLAR_SEPARATOR. A QA row that lists
+all its accepted answers (`answers`) is scored against each of them when the template targets `{answer}`.
 
 The result is a list of score rows: {model, dataset, cluster, template, split, metric, value, n, stderr,
 primary} (primary marks the dataset's headline metric, flan.metrics.primary_metric).
@@ -27,6 +28,7 @@ from flan.scorer import EvalRequest, score_requests
 from flan.templates import label_index, load_templates, render_template
 
 EXEMPLAR_SEPARATOR = "\n\n"
+ANSWERS_FIELD = "answers"  # QA rows (natural_questions, trivia_qa) list every accepted answer here
 SPLIT_SEED = 20220208  # FLAN's ICLR 2022 publication date: any fixed number works
 
 
@@ -87,6 +89,13 @@ def _few_shot_prefix(spec: TaskSpec, template, train_rows: list[dict], k: int, s
     return "".join(f"{s.prompt}\n{s.target}{EXEMPLAR_SEPARATOR}" for s in shots)
 
 
+def _also_accepted(spec: TaskSpec, template, row: dict) -> tuple[str, ...]:
+    """Every accepted answer of a QA row whose template targets its `answer` and that lists `answers`."""
+    if template.target != "{answer}" or spec.fields.get(ANSWERS_FIELD) is None:
+        return ()
+    return tuple(str(a) for a in row.get(ANSWERS_FIELD) or ())
+
+
 def build_requests(spec: TaskSpec, rows: list[dict], row_ids: list[int], template_index: int, *,
                    few_shot: int = 0, train_rows: list[dict] | None = None) -> list[EvalRequest]:
     """Rendered requests of one template over the given rows (exemplars differ per row, seeded by it)."""
@@ -96,14 +105,15 @@ def build_requests(spec: TaskSpec, rows: list[dict], row_ids: list[int], templat
         ex = render_template(spec, template, rows[i])
         prefix = _few_shot_prefix(spec, template, train_rows, few_shot, seed=i) if few_shot else ""
         gold = label_index(spec, rows[i]) if ex.options is not None else None
-        out.append(EvalRequest(spec.name, template_index, i, prefix + ex.prompt, ex.target, ex.options, gold))
+        out.append(EvalRequest(spec.name, template_index, i, prefix + ex.prompt, ex.target, ex.options, gold,
+                               _also_accepted(spec, template, rows[i])))
     return out
 
 
 def request_metrics(spec: TaskSpec, requests: list[EvalRequest], results: list) -> dict:
     if requests[0].options is not None:
         return rank_metrics(results, [r.gold for r in requests])
-    return generation_metrics(spec.metric, [r.text for r in results], [r.target for r in requests])
+    return generation_metrics(spec.metric, [r.text for r in results], [r.references for r in requests])
 
 
 def evaluate_model(model, tokenizer, specs: list[TaskSpec], cfg: Config, *, data_dir: Path, templates: str,

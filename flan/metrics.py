@@ -3,6 +3,9 @@
     rank_metrics(results, golds)          # acc, acc_norm_token, acc_norm_byte (binomial stderr)
     generation_metrics("f1", preds, refs) # exact_match + f1 (SQuAD normalisation), or bleu, or rouge1/2/L
 
+Each example has one or more references (QA rows list every accepted answer): exact match and F1 take the
+best over them, as SQuAD's script does; BLEU and ROUGE use the first (the target the template renders).
+
 Which metrics a dataset gets follows its registry `metric`: accuracy -> rank accuracy (exact match for a
 generated answer), exact_match / f1 -> both SQuAD metrics, bleu -> sacrebleu corpus BLEU, rouge ->
 rouge-score ROUGE-1/2/L F-measure. A mean over examples gets std / sqrt(n) as its standard error; corpus
@@ -109,20 +112,29 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
     return {k: mean_score([s[k].fmeasure for s in per]) for k in kinds}
 
 
-def generation_metrics(metric: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, Score]:
-    """The metrics of a generation dataset whose registry metric is `metric`."""
-    if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references; need equal, >= 1")
+def best_over(score, prediction: str, references: Sequence[str]) -> float:
+    return max(score(prediction, r) for r in references)
+
+
+def generation_metrics(metric: str, predictions: Sequence[str],
+                       references: Sequence[Sequence[str]]) -> dict[str, Score]:
+    """The metrics of a generation dataset whose registry metric is `metric`; references[i] lists the
+    accepted answers of example i (at least one)."""
+    if len(predictions) != len(references) or not predictions or not all(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists; need equal "
+                         "counts, at least one example, and at least one reference per example")
+    em = [best_over(exact_match, p, r) for p, r in zip(predictions, references)]
     if metric in ("exact_match", "f1"):
-        return {"exact_match": mean_score([exact_match(p, r) for p, r in zip(predictions, references)]),
-                "f1": mean_score([token_f1(p, r) for p, r in zip(predictions, references)])}
+        return {"exact_match": mean_score(em),
+                "f1": mean_score([best_over(token_f1, p, r) for p, r in zip(predictions, references)])}
     if metric == "accuracy":
-        return {"exact_match": mean_score([exact_match(p, r) for p, r in zip(predictions, references)])}
+        return {"exact_match": mean_score(em)}
+    first = [r[0] for r in references]
     if metric == "bleu":
-        return {"bleu": Score(corpus_bleu(predictions, references),
-                              bootstrap_stderr(corpus_bleu, predictions, references), len(predictions))}
+        return {"bleu": Score(corpus_bleu(predictions, first), bootstrap_stderr(corpus_bleu, predictions, first),
+                              len(predictions))}
     if metric == "rouge":
-        return rouge_scores(predictions, references)
+        return rouge_scores(predictions, first)
     raise ValueError(f"unknown metric {metric!r}; accepted: accuracy, exact_match, f1, bleu, rouge")
 
 

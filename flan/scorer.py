@@ -38,6 +38,11 @@ class EvalRequest:
     target: str
     options: tuple[str, ...] | None = None
     gold: int | None = None
+    also_accepted: tuple[str, ...] = ()   # generation: other correct answers (QA rows list several)
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        return (self.target,) + tuple(a for a in self.also_accepted if a != self.target)
 
 
 @dataclass(frozen=True)

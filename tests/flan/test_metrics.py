@@ -58,9 +58,9 @@ def test_bleu_and_rouge_extremes():
     refs = ["the cat is on the mat today", "there is a book on the desk now"]
     assert corpus_bleu(refs, refs) == pytest.approx(100.0)
     assert corpus_bleu(["zz yy xx ww vv", "qq rr ss tt uu"], refs) == pytest.approx(0.0)
-    same = generation_metrics("rouge", refs, refs)
+    same = generation_metrics("rouge", refs, [[r] for r in refs])
     assert set(same) == {"rouge1", "rouge2", "rougeL"} and all(s.value == pytest.approx(100.0) for s in same.values())
-    assert generation_metrics("rouge", ["zz", "qq"], refs)["rougeL"].value == 0.0
+    assert generation_metrics("rouge", ["zz", "qq"], [[r] for r in refs])["rougeL"].value == 0.0
 
 
 def test_bootstrap_is_seeded():
@@ -69,11 +69,18 @@ def test_bootstrap_is_seeded():
     assert first == bootstrap_stderr(corpus_bleu, preds, refs) and first > 0
 
 
+def test_qa_metrics_take_the_best_reference():
+    m = generation_metrics("f1", ["December 1972", "one"], [["14 December 1972 UTC", "December 1972"], ["two"]])
+    assert m["exact_match"].value == 50.0 and m["f1"].value == 50.0
+    with pytest.raises(ValueError, match="at least one reference per example"):
+        generation_metrics("f1", ["x"], [[]])
+
+
 def test_metric_sets_follow_the_registry_metric():
-    assert set(generation_metrics("f1", ["x"], ["x"])) == {"exact_match", "f1"}
-    assert set(generation_metrics("exact_match", ["x"], ["x"])) == {"exact_match", "f1"}
-    assert set(generation_metrics("bleu", ["x y z w"], ["x y z w"])) == {"bleu"}
-    assert set(generation_metrics("accuracy", ["x"], ["x"])) == {"exact_match"}
+    assert set(generation_metrics("f1", ["x"], [["x"]])) == {"exact_match", "f1"}
+    assert set(generation_metrics("exact_match", ["x"], [["x"]])) == {"exact_match", "f1"}
+    assert set(generation_metrics("bleu", ["x y z w"], [["x y z w"]])) == {"bleu"}
+    assert set(generation_metrics("accuracy", ["x"], [["x"]])) == {"exact_match"}
     with pytest.raises(ValueError, match="unknown metric 'meteor'"):
-        generation_metrics("meteor", ["x"], ["x"])
+        generation_metrics("meteor", ["x"], [["x"]])
     assert primary_metric("accuracy", ranked=True) == "acc" and primary_metric("rouge", ranked=False) == "rougeL"

@@ -161,6 +161,11 @@ def test_requests_render_options_gold_and_few_shot(shared_data):
     assert zero[0].options == ("yes", "no") and zero[0].target == zero[0].options[zero[0].gold]
     shot = build_requests(rte, rows, [0], 0, few_shot=2, train_rows=train)[0]
     assert shot.prompt.endswith(zero[0].prompt) and shot.prompt.count("OPTIONS:") == 3
+    nq = load_registry().get("natural_questions")
+    qa_rows = load_split(nq, "validation", data_dir=shared_data).rows
+    qa = build_requests(nq, qa_rows, [0], 0)[0]
+    assert qa.options is None and qa.references[0] == qa.target
+    assert set(qa.references) == {qa.target, *qa_rows[0]["answers"]}
 
 
 # ---- report --------------------------------------------------------------------------------------------
