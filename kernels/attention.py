@@ -132,8 +132,12 @@ def _attn_fwd_steps(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_seq = offs_n < seq_len
-        k_t = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        if BOUNDS_MASK:  # only the last tile can run past S; unmasked loads pipeline better
+            k_t = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=in_seq[:, None], other=0.0)
+        else:
+            k_t = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None])
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])
         # 1. Scores in log2 units: s = (q k^T) * scale * log2(e), fp32.
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
         if CAUSAL_MASK or SEGMENT_MASK or BOUNDS_MASK:
@@ -337,8 +341,12 @@ def _attn_bwd_dq_steps(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_seq = offs_n < seq_len
-        k_t = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-        v_t = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        if BOUNDS_MASK:  # only the last tile can run past S
+            k_t = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=in_seq[None, :], other=0.0)
+        else:
+            k_t = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None])
+            v_t = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None])
         # 1. P = exp2(Q K^T * scale * log2 e - lse); padding rows have lse = +inf, hence P = 0.
         p = tl.math.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if CAUSAL_MASK or SEGMENT_MASK or BOUNDS_MASK:
