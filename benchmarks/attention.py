@@ -50,8 +50,11 @@ def forward_flops(segment_ids: torch.Tensor | None, batch: int, seq_len: int, he
     """Causal forward FLOPs in FlashAttention's convention: 4 * H * D * (S^2 / 2) per row, per document if packed."""
     if segment_ids is None:
         return 4.0 * batch * heads * head_dim * seq_len**2 / 2
-    lengths = torch.unique_consecutive(segment_ids.flatten(), return_counts=True)[1].double()
-    return 4.0 * heads * head_dim * float((lengths**2).sum()) / 2
+    work = 0.0
+    for row in segment_ids.cpu():  # per row: a row's last document and the next row's first may share an id
+        ids, lengths = torch.unique_consecutive(row, return_counts=True)
+        work += float((lengths[ids != 0].double() ** 2).sum()) / 2
+    return 4.0 * heads * head_dim * work
 
 
 def provider_functions(segment_ids: torch.Tensor | None, device: torch.device, compile_flex: bool) -> dict:
