@@ -17,6 +17,7 @@ last stage; `sync_tied_embedding` sums their gradients over the two after backwa
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -105,6 +106,7 @@ class StageInfo:
     embedding_group: dist.ProcessGroup | None = None
     """First and last pipeline rank of this tp rank and dp replica (tied embeddings only)."""
     counters: dict = field(default_factory=dict)
+    """Running totals for benchmarks: busy_s (seconds in forward/backward compute), p2p_bytes (sent)."""
 
     def is_last_stage(self, chunk: int, pp_rank: int) -> bool:
         return stage_of(pp_rank, chunk, self.pp) == self.pp * self.virtual - 1
@@ -248,6 +250,7 @@ def _run_program(model: PipelineStage, program: list[Action], microbatches: list
     for run in comm_batches(program):
         a = run[0]
         key = (a.microbatch, a.chunk)
+        started = time.perf_counter()
         if a.kind == "forward":
             with autocast():
                 out = info.chunks[a.chunk](microbatches[a.microbatch].to(mesh.device), hidden=inputs.get(key),
@@ -265,6 +268,8 @@ def _run_program(model: PipelineStage, program: list[Action], microbatches: list
                 before_last_backward(a.chunk)
             out = outputs.pop(key)
             torch.autograd.backward(out, grads.pop(key, None))
+        if a.kind in ("forward", "backward"):
+            info.counters["busy_s"] = info.counters.get("busy_s", 0.0) + time.perf_counter() - started
         else:
             _exchange(run, info, mesh, shape, dtype, inputs, outputs, grads, pending_sends, microbatch_count)
     for work, _ in pending_sends:

@@ -5,13 +5,15 @@ plays them on a clock.
     timeline = simulate(actions, pp=4, virtual=1)                   # busy intervals, bubble, peak in flight
 
 Model chunk `c` of pipeline rank `r` is global stage c * pp + r (Megatron's interleaving: with v chunks per
-rank, rank r holds the non-contiguous stages r, r + pp, ...). A compute action (forward or backward of one
-microbatch through one chunk) is preceded by the receive of its input and followed by the send of its output;
-the runner merges consecutive communication actions into one batched send/receive, so a rank posts
-"send my forward output + receive the next backward's gradient" together, as Megatron's 1F1B does.
-A rank never waits for its sends (the runner waits for them once, at the end of the step); it waits for a
-batch's receives. `simulate` plays exactly that and reports a deadlock; with rendezvous=True it also makes
-sends wait for their receives (a stricter model of grouped NCCL send/receive), which gpipe and 1f1b pass.
+rank, rank r holds the non-contiguous stages r, r + pp, ...). A rank's compute actions (forward or backward of
+one microbatch through one chunk) come in groups: the receives of a group's inputs go just before it and the
+sends of its outputs just after, and the runner merges consecutive communication actions into one batched
+send/receive. In 1F1B every compute is its own group, so a rank posts "send my forward output + receive the
+next backward's gradient" together, as Megatron's 1F1B does; in the interleaved steady state a group is one
+forward and one backward, whose two results and the next two inputs move in one batch (Megatron-LM's
+interleaved exchange). `simulate` holds every batch until all its partner actions are posted (the rendezvous
+of grouped NCCL send/receive; gloo, where the runner lets sends run in the background, is more permissive),
+so a schedule it finishes cannot deadlock on either backend.
 
 Schedules (per-rank compute order):
     gpipe        all forwards, then all backwards (Huang et al. 2019)
@@ -61,21 +63,21 @@ def check_schedule(schedule: str, pp: int, microbatches: int, virtual: int) -> N
                          f"through the chunks in groups of pp={pp}; choose a multiple of {pp}")
 
 
-def compute_order(schedule: str, pp: int, rank: int, microbatches: int, virtual: int = 1) -> list[Action]:
-    """This rank's forwards and backwards, in the order it runs them."""
+def compute_groups(schedule: str, pp: int, rank: int, microbatches: int, virtual: int = 1) -> list[list[Action]]:
+    """This rank's forwards and backwards in the order it runs them, grouped between communication points."""
     check_schedule(schedule, pp, microbatches, virtual)
     M = microbatches
+    forwards = [Action("forward", m) for m in range(M)]
+    backwards = [Action("backward", m) for m in range(M)]
     if schedule == "gpipe":
-        return [Action("forward", m) for m in range(M)] + [Action("backward", m) for m in range(M)]
+        return [[a] for a in forwards + backwards]
     if schedule == "1f1b":
         warmup = min(pp - rank - 1, M)
-        forwards = [Action("forward", m) for m in range(M)]
-        backwards = [Action("backward", m) for m in range(M)]
-        return _one_forward_one_backward(forwards, backwards, warmup)
+        return [[a] for group in _one_forward_one_backward(forwards, backwards, warmup) for a in group]
     # Interleaved: the k-th forward of this rank is microbatch (k // (pp v)) pp + k % pp through chunk
-    # (k // pp) % v; backwards walk the chunks in reverse. Warm-up fills the pipeline for every chunk: the
-    # ranks below the last wait twice per step down (a forward there, a backward coming back), and every
-    # extra chunk adds a group of pp forwards (Megatron-LM's count); with v = 1 this is plain 1F1B.
+    # (k // pp) % v; backwards walk the chunks in reverse. Warm-up fills the pipeline for every chunk: each
+    # extra chunk adds a group of pp forwards, and a steady-state result leaves one forward/backward pair
+    # late, which costs two forwards per step down the pipeline (Megatron-LM's count).
     total = M * virtual
 
     def virtual_action(kind: str, k: int) -> Action:
@@ -86,19 +88,22 @@ def compute_order(schedule: str, pp: int, rank: int, microbatches: int, virtual:
     if microbatches == pp:
         warmup = total  # one group of microbatches: every forward fits before the first backward is due
     else:
-        warmup = min((pp - rank - 1) * (2 if virtual > 1 else 1) + (virtual - 1) * pp, total)
+        warmup = min((pp - rank - 1) * 2 + (virtual - 1) * pp, total)
     forwards = [virtual_action("forward", k) for k in range(total)]
     backwards = [virtual_action("backward", k) for k in range(total)]
     return _one_forward_one_backward(forwards, backwards, warmup)
 
 
-def _one_forward_one_backward(forwards: list[Action], backwards: list[Action], warmup: int) -> list[Action]:
+def compute_order(schedule: str, pp: int, rank: int, microbatches: int, virtual: int = 1) -> list[Action]:
+    """This rank's forwards and backwards, in the order it runs them."""
+    return [a for group in compute_groups(schedule, pp, rank, microbatches, virtual) for a in group]
+
+
+def _one_forward_one_backward(forwards: list[Action], backwards: list[Action], warmup: int) -> list[list[Action]]:
     """`warmup` forwards, then forward/backward pairs, then the remaining backwards."""
     steady = len(forwards) - warmup
-    order = forwards[:warmup]
-    for i in range(steady):
-        order += [forwards[warmup + i], backwards[i]]
-    return order + backwards[steady:]
+    return ([[f] for f in forwards[:warmup]] + [[forwards[warmup + i], backwards[i]] for i in range(steady)]
+            + [[b] for b in backwards[steady:]])
 
 
 def stage_of(rank: int, chunk: int, pp: int) -> int:
@@ -107,31 +112,34 @@ def stage_of(rank: int, chunk: int, pp: int) -> int:
 
 
 def schedule_actions(schedule: str, pp: int, microbatches: int, virtual: int = 1) -> list[list[Action]]:
-    """Every pipeline rank's program: its compute order with each receive just before the compute that needs
-    it and each send just after the compute that made it."""
-    return [with_communication(compute_order(schedule, pp, rank, microbatches, virtual), rank, pp, virtual)
+    """Every pipeline rank's program: its compute groups, each with the receives of its inputs before it and
+    the sends of its outputs after it."""
+    return [with_communication(compute_groups(schedule, pp, rank, microbatches, virtual), rank, pp, virtual)
             for rank in range(pp)]
 
 
 def forward_only_actions(pp: int, virtual: int = 1) -> list[list[Action]]:
     """Every rank's program for one microbatch's forward through all stages (evaluation)."""
-    return [with_communication([Action("forward", 0, c) for c in range(virtual)], rank, pp, virtual)
+    return [with_communication([[Action("forward", 0, c)] for c in range(virtual)], rank, pp, virtual)
             for rank in range(pp)]
 
 
-def with_communication(order: list[Action], rank: int, pp: int, virtual: int) -> list[Action]:
-    """Insert the receive before and the send after each compute action that has a neighbouring stage."""
+def with_communication(groups: list[list[Action]], rank: int, pp: int, virtual: int) -> list[Action]:
+    """Around each group of compute actions: the receives of their inputs from the neighbouring stages before,
+    the sends of their outputs after."""
     last = pp * virtual - 1
     program = []
-    for a in order:
-        stage = stage_of(rank, a.chunk, pp)
-        has_prev, has_next = stage > 0, stage < last
-        if a.kind == "forward":
-            program += ([Action("recv_fwd", a.microbatch, a.chunk)] if has_prev else []) + [a]
-            program += [Action("send_fwd", a.microbatch, a.chunk)] if has_next else []
-        else:
-            program += ([Action("recv_bwd", a.microbatch, a.chunk)] if has_next else []) + [a]
-            program += [Action("send_bwd", a.microbatch, a.chunk)] if has_prev else []
+    for group in groups:
+        receives, sends = [], []
+        for a in group:
+            stage = stage_of(rank, a.chunk, pp)
+            if a.kind == "forward":
+                receives += [Action("recv_fwd", a.microbatch, a.chunk)] if stage > 0 else []
+                sends += [Action("send_fwd", a.microbatch, a.chunk)] if stage < last else []
+            else:
+                receives += [Action("recv_bwd", a.microbatch, a.chunk)] if stage < last else []
+                sends += [Action("send_bwd", a.microbatch, a.chunk)] if stage > 0 else []
+        program += receives + group + sends
     return program
 
 
@@ -180,11 +188,11 @@ class Timeline:
 
 
 def simulate(programs: list[list[Action]], pp: int, virtual: int = 1, forward_time: float = 1.0,
-             backward_time: float = 2.0, microbatches: int | None = None, rendezvous: bool = False) -> Timeline:
+             backward_time: float = 2.0, microbatches: int | None = None) -> Timeline:
     """Play the programs on a clock: a chunk's forward takes forward_time / virtual (a stage's work is split
     over its chunks), a backward backward_time / virtual, communication takes no time but a batch waits until
-    the sends of its receives are posted (and, with rendezvous, the receives of its sends). Raises
-    RuntimeError naming the stuck actions on a deadlock."""
+    every partner of its sends and receives is posted. Raises RuntimeError naming the stuck actions on a
+    deadlock."""
     M = microbatches if microbatches is not None else 1 + max(a.microbatch for p in programs for a in p)
     runs = [comm_batches(p) for p in programs]
     position, clock = [0] * pp, [0.0] * pp
@@ -204,7 +212,7 @@ def simulate(programs: list[list[Action]], pp: int, virtual: int = 1, forward_ti
                     keys = [(message_key(a, rank, pp, M), a.kind.startswith("send")) for a in run]
                     for key, is_send in keys:
                         posted.setdefault((*key, is_send), clock[rank])
-                    partners = [(*key, not is_send) for key, is_send in keys if rendezvous or not is_send]
+                    partners = [(*key, not is_send) for key, is_send in keys]
                     if not all(p in posted for p in partners):
                         break
                     clock[rank] = max([clock[rank]] + [posted[p] for p in partners])

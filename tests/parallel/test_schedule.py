@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.parallel.schedule_cli import add_pipeline_commands
-from engine.parallel.schedules import (COMM, Action, bubble_formula, check_schedule, compute_order, message_key,
-                                       schedule_actions, simulate)
+from engine.parallel.schedules import (COMM, Action, bubble_formula, check_schedule, comm_batches, compute_order,
+                                       message_key, schedule_actions, simulate)
 
 plain = st.tuples(st.sampled_from(["gpipe", "1f1b"]), st.integers(1, 6), st.integers(1, 12), st.just(1))
 
@@ -52,7 +52,7 @@ def test_every_send_has_one_matching_receive(spec):
 def test_simulated_bubble_equals_the_formula(spec):
     """(p-1)/(m+p-1) for gpipe and 1f1b, (p-1)/(v m+p-1) interleaved, with backward = 2 x forward."""
     schedule, pp, M, v = spec
-    timeline = simulate(schedule_actions(schedule, pp, M, v), pp, v, rendezvous=schedule != "interleaved")
+    timeline = simulate(schedule_actions(schedule, pp, M, v), pp, v)
     assert timeline.bubble_fraction == pytest.approx(bubble_formula(schedule, pp, M, v), abs=1e-9)
     if pp > 1 and M > 1 and v > 1:
         assert timeline.bubble_fraction < bubble_formula("1f1b", pp, M)
@@ -66,6 +66,16 @@ def test_peak_in_flight_is_m_for_gpipe_and_at_most_p_for_1f1b(pp, M):
     assert gpipe.peak_in_flight == [M] * pp
     assert one_f_one_b.peak_in_flight[0] == min(pp, M)
     assert all(peak <= min(pp - rank, M) for rank, peak in enumerate(one_f_one_b.peak_in_flight))
+
+
+def test_interleaved_steady_state_exchanges_a_forward_and_a_backward_together():
+    program = schedule_actions("interleaved", 2, 4, 2)[0]
+    # Rank 0 of pp=2 with v=2 and 4 microbatches: (p-1) 2 + (v-1) p = 4 warm-up forwards, then forward/backward
+    # pairs; a pair's two results and the next pair's inputs move in one batch.
+    assert [str(a) for a in program if a.kind == "forward"][:4] == ["F0", "F1", "F0.1", "F1.1"]
+    assert [str(a) for a in program[10:20]] == ["recv_bwd0.1", "F2", "B0.1", "send_fwd2", "send_bwd0.1",
+                                                "recv_bwd1.1", "F3", "B1.1", "send_fwd3", "send_bwd1.1"]
+    assert ["send_fwd2", "send_bwd0.1", "recv_bwd1.1"] in [[str(a) for a in run] for run in comm_batches(program)]
 
 
 def test_1f1b_order_on_a_small_pipeline():
