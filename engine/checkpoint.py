@@ -4,18 +4,18 @@ and the region each file holds; a checkpoint loads into any layout; no pickle an
     <run_dir>/checkpoints/step-000100/
         model-r00003.safetensors   rank 3's regions of the weights (its tp slices of its stage's layers)
         optim-r00003.safetensors   its regions of the optimizer state (its ZeRO-1 slice under zero=1)
-        rng-r00003.safetensors     its torch RNG state
+        rng-r00003.safetensors     its torch (CPU and CUDA) RNG states
         rank-r00003.json           its part of the index (numpy/python RNG states included)
         index.json                 config, layout, step, data position, and for every global tensor its
                                    shape, dtype and pieces: (file, key, box = (start, stop) per dimension, crc32)
         COMPLETE                   written last: a folder without it is never loaded
 
-Saving (`Checkpointer.save`, every rank): write into `.tmp-step-000100-<session>`; then a barrier (a file
-rendezvous: each rank's rank-*.json lands last, by rename); rank 0 checks that every expected file is there
-at its recorded size and every tensor is covered exactly, writes index.json and COMPLETE, and renames the
-folder into place. Only then are checkpoints beyond the newest `keep` deleted. With async_save the tensors
-are copied to CPU memory and a background thread does the rest while training continues; the next save and
-`wait()` (end of training) join it. A rank killed mid-save leaves a .tmp folder that is never loaded and is
+Saving (`Checkpointer.save`, every rank): write into `.tmp-step-000100-<session>`, each rank's rank-*.json
+last (by rename); a barrier; rank 0 checks that every rank's part is there, every listed file at its recorded
+size and every tensor covered exactly, writes index.json and COMPLETE, renames the folder into place, and only
+then deletes checkpoints beyond the newest `keep`. With async_save the tensors are copied into CPU staging
+buffers and a background thread does the rest while training continues; its barrier is the rank-*.json files
+(no collective leaves the main thread); the next save and `wait()` (end of training) join it. A rank killed mid-save leaves a .tmp folder that is never loaded and is
 removed by the next session's first commit.
 
 Loading (`load_checkpoint`, every rank, no collectives): each rank reads only the regions its own tensors

@@ -50,14 +50,13 @@ Not modelled: small-microbatch GEMM efficiency, stage imbalance from the head, a
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from engine.config import Config
 from engine.info import meta_model, training_flops_per_token
 from engine.parallel.specs import planned_shard_dim
 
 GiB = 1024 ** 3
-SCHEDULES = ("none", "gpipe", "1f1b", "interleaved")
 
 
 @dataclass(frozen=True)
@@ -383,7 +382,3 @@ def enumerate_plans(cfg: Config, gpus: int, hw: Hardware = H100_80G,
     shapes = model_shapes(cfg)
     plans = [plan(cfg, layout, hw, precision, shapes) for layout in candidate_layouts(cfg, gpus, hw.gpus_per_node)]
     return sorted(plans, key=lambda p: (not p.fits, p.step_s, p.total_bytes))
-
-
-def with_memory(hw: Hardware, memory_bytes: float) -> Hardware:
-    return replace(hw, memory_bytes=memory_bytes)
