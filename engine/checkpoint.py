@@ -524,8 +524,18 @@ def _state_keys(index: dict, global_name: str) -> tuple[list[str], list[str], li
     return elementwise, bound, scalars
 
 
+def _optimizer_name(optimizer) -> str | None:
+    inner = optimizer.inner if is_zero_optimizer(optimizer) else optimizer
+    return {torch.optim.AdamW: "adamw", torch.optim.Adafactor: "adafactor"}.get(type(inner))
+
+
 def _restore_optimizer(reader: Reader, optimizer, model: torch.nn.Module, mesh: Mesh, specs: dict) -> None:
     index = reader.index
+    saved, wanted = index.get("config", {}).get("optim", {}).get("name"), _optimizer_name(optimizer)
+    if saved and wanted and saved != wanted:
+        raise CheckpointError(f"{reader.path / INDEX}: holds {saved} state but this run's optimizer is {wanted}; "
+                              f"resume with --optim.name={saved}, or start from its weights with "
+                              f"--train.init_from={reader.path}")
     names = {id(p): n for n, p in model.named_parameters()}
     if is_zero_optimizer(optimizer):
         sync = optimizer.sync

@@ -55,7 +55,7 @@ def format_table(plans: list[Plan]) -> str:
 
 
 def _cell(value) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def cmd_plan(args) -> int:

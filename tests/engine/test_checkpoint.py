@@ -221,3 +221,12 @@ def test_cli_inspect_and_convert_to_another_layout_and_back(tmp_path, capsys):
     assert code == 1 and "already exists" in err
     with pytest.raises(argparse.ArgumentTypeError, match="--layout 'tp=two'"):
         parse_layout("tp=two")
+
+
+def test_another_optimizer_is_refused(tmp_path):
+    cfg, model, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, model, optimizer, {"config": cfg.to_dict()})
+    other_cfg = load_config("configs/tiny.toml", SMALL + ["--optim.name=adafactor"])
+    with pytest.raises(ckpt.CheckpointError, match="holds adamw state but this run's optimizer is adafactor; "
+                                                   "resume with --optim.name=adamw"):
+        ckpt.load_checkpoint(path, *fresh(other_cfg))
