@@ -556,6 +556,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the backward kernels are not themselves differentiable
     def backward(ctx, do):
         q, k, v, out, lse, *segment_state = ctx.saved_tensors
         dq, dk, dv = attention_backward(_last_dim_contiguous(do), q, k, v, out, lse, tuple(segment_state),
