@@ -32,7 +32,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import interpreter_compat
 from kernels.attention_reference import attention_reference
 
 __all__ = ["flash_attention", "attention_reference", "SUPPORTED_HEAD_DIMS"]
@@ -44,10 +43,6 @@ LOG2E = 1.4426950408889634  # the kernels use exp2: exp(x) = exp2(x * log2(e)), 
 def _interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
     return bool(triton.knobs.runtime.interpret)
-
-
-if _interpreting():
-    interpreter_compat.apply()  # the kernels loop over runtime tile ranges: see triton issue #9171
 
 
 def _configs(hopper: list[tuple[int, int, int, int]], interpreter: tuple[int, int]) -> list[triton.Config]:
