@@ -1,7 +1,7 @@
 """Rank-classification throughput of our scorer against lm-evaluation-harness, same model, same examples.
 
     python -m benchmarks.scorer                                 # tiny shape, rte/copa/hellaswag, 48 examples
-    python -m benchmarks.scorer --checkpoint runs/tiny-flan --examples 96 --batch-sizes 4,16,32
+    python -m benchmarks.scorer --checkpoint runs/tiny-flan --examples 96 --batch-sizes 4,16,32 --threads 1
 
 The model (random weights in the `configs/tiny.toml` shape, or a checkpoint) is exported with engine/hf.py
 and loaded by lm-eval's HFLM (fp32, CPU). Both score every option of the same rendered requests (template 0
@@ -70,8 +70,12 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=48)
     parser.add_argument("--batch-sizes", default="4,16")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for both scorers (0: torch's default); 1 steadies a shared machine")
     parser.add_argument("--out", help="output folder (default runs/bench/scorer)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     work = Path(tempfile.mkdtemp(prefix="bench-scorer-"))
     model, tokenizer, hf_dir = model_and_export(args, work)

@@ -95,7 +95,9 @@ def cmd_eval(args) -> int:
             rows += evaluate_model(model, tokenizer, specs, cfg, data_dir=data_dir, templates=cfg.eval.templates,
                                    label=label, progress_factory=_progress)
     out = Path(args.out) if args.out else Path(tuned_cfg.train.run_dir) / "eval"
-    paths = write_report(summarize(rows), out)
+    shots = f"{cfg.eval.few_shot}-shot" if cfg.eval.few_shot else "Zero-shot"
+    clusters = ", ".join(dict.fromkeys(s.cluster for s in specs))
+    paths = write_report(summarize(rows), out, title=f"{shots} evaluation ({clusters})")
     print(paths["markdown"].read_text())
     print("\n".join(f"{kind}: {p}" for kind, p in paths.items()))
     return 0

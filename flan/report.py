@@ -64,7 +64,7 @@ def markdown_table(rows: list[dict]) -> str:
     """Cluster averages, then every dataset and metric: mean +- spread over templates and the dev pick."""
     models = _models(rows)
     find = {(r["model"], r["dataset"], r["metric"], r["template"]): r for r in rows if r["split"] == "test"}
-    lines = ["## Held-out clusters (mean over datasets of the primary metric, templates averaged)", "",
+    lines = ["## Clusters (mean over datasets of the primary metric, templates averaged)", "",
              "| cluster | metric | " + " | ".join(models) + " |", "|---|---|" + "---:|" * len(models)]
     clusters = [r for r in rows if r["dataset"] == ALL_DATASETS]
     for (cluster, metric), _ in _group(clusters, "cluster", "metric").items():
@@ -115,7 +115,7 @@ def plot_heldout(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[dict], out_dir: str | Path, title: str = "Zero-shot on held-out clusters") -> dict:
+def write_report(rows: list[dict], out_dir: str | Path, title: str = "Zero-shot evaluation") -> dict:
     """scores.json (all rows), scores.md and heldout.png under out_dir; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
