@@ -44,6 +44,8 @@ def select_datasets(registry: Registry, data_dir: Path, *, datasets: str | None,
                     default_cluster: str) -> tuple[list[TaskSpec], list[str]]:
     """The datasets asked for (names, clusters, or the held-out cluster) that have validation data here,
     and the names of those asked for that have none."""
+    if datasets and clusters:
+        raise EvalError("--datasets and --clusters both given; pick datasets by name or by cluster, not both")
     if datasets:
         asked = [registry.get(n) for n in _names(datasets)]
     else:

@@ -242,3 +242,8 @@ def test_eval_command_errors_name_the_argument(tiny_run, tmp_path, capsys):
     assert run_flan(["eval", "configs/tiny.toml", "--checkpoint", str(tiny_run), "--datasets", "rte",
                      "--templates", "x"]) == 2
     assert "--templates 'x'" in capsys.readouterr().err
+    assert run_flan(["eval", "configs/tiny.toml", "--checkpoint", str(tiny_run), "--datasets", "rte",
+                     "--clusters", "nli"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert run_flan(["export-hf", str(tiny_run), str(tmp_path / "hf"), "--eval.limit=3"]) == 2
+    assert "takes no --section.field overrides" in capsys.readouterr().err
