@@ -2,6 +2,7 @@
 
     flan export-hf runs/tiny/checkpoints/step-000400 runs/tiny/hf   # config.json, model.safetensors, tokenizer
     flan import-hf path/to/llama-folder runs/llama                   # -> runs/llama/checkpoints/step-000000
+    flan tune runs/llama/config.toml --train.init_from=runs/llama     #    and runs/llama/config.toml to tune it
 
 Our block is HF Llama's: RMSNorm (weight * x / rms), rotary embeddings in the "halves" layout (rotate_half),
 grouped-query attention without biases, a gated MLP down(act(gate(x)) * up(x)). So the weights map one to one
@@ -242,7 +243,19 @@ def import_hf(folder: str | Path, run_dir: str | Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(sp_model, run_dir / "tokenizer.model")
     cfg.data.tokenizer = str((run_dir / "tokenizer.model").resolve())
-    cfg.train.run_dir = str(run_dir)
+    cfg.train.run_dir = str(run_dir / "tuned")
     cfg.validate(str(config_path))
+    (run_dir / "config.toml").write_text(config_toml(cfg, f"imported by `flan import-hf` from {folder}"))
     return save_checkpoint(run_dir, 0, state, None, {}, {"config": cfg.to_dict(), "imported_from": str(folder)},
                            keep=1)
+
+
+def config_toml(cfg: Config, comment: str) -> str:
+    """A TOML preset reproducing `cfg` (every section and field), for tuning an imported model."""
+    def value(v) -> str:
+        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+
+    lines = [f"# {comment}"]
+    for section, table in cfg.to_dict().items():
+        lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"

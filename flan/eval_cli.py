@@ -116,7 +116,8 @@ def cmd_import_hf(args) -> int:
     from engine.hf import import_hf
 
     step = import_hf(args.folder, args.out)
-    print(f"{step}: imported; instruction-tune it with --train.init_from={args.out}")
+    print(f"{step}: imported; instruction-tune it with "
+          f"`flan tune {Path(args.out) / 'config.toml'} --train.init_from={args.out}`")
     return 0
 
 

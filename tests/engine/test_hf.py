@@ -67,6 +67,8 @@ def test_import_brings_the_exported_weights_back(tmp_path, tokenizer):
         torch.testing.assert_close(state[name], original[name], rtol=0, atol=0)
     cfg = load_meta(back)["config"]
     assert cfg["model"]["tie_embeddings"] is False and cfg["data"]["tokenizer"].endswith("tokenizer.model")
+    preset = load_config(tmp_path / "imported" / "config.toml")  # what `flan tune` is pointed at
+    assert preset.to_dict() == cfg
 
 
 def test_unsupported_llama_variants_are_refused(tmp_path):
