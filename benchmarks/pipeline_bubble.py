@@ -40,6 +40,8 @@ def measure_rank(rank: int, world: int, port: int, cases: list[dict], args, resu
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if hasattr(os, "sched_setaffinity") and world <= os.cpu_count():
+        os.sched_setaffinity(0, {rank})  # one core per stage, as one device per stage
     rows = []
     for case in cases:
         cfg = Config(model=model_config(args.d_model, args.layers_per_stage * world * case["virtual"]),

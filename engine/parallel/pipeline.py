@@ -29,8 +29,8 @@ from engine.config import Config, ModelConfig
 from engine.model import Transformer
 from engine.parallel import comm
 from engine.parallel.mesh import Mesh, group_ranks
-from engine.parallel.schedules import (Action, check_schedule, comm_batches, forward_only_actions, message_key, peer_of, schedule_actions,
-                                       stage_of)
+from engine.parallel.schedules import (Action, check_schedule, comm_batches, forward_only_actions, message_key,
+                                       peer_of, schedule_actions, stage_of)
 
 
 # ---- stage split ---------------------------------------------------------------------------------------
@@ -174,8 +174,8 @@ def apply_pipeline(model: Transformer, cfg: Config, mesh: Mesh) -> PipelineStage
     model.__class__ = PipelineStage  # the same object, now with the pipeline's forward (as FSDP2 does)
     model.mesh = mesh
     model.pipeline = StageInfo(
-        chunks=chunks, layer_ranges=ranges, stage_ranges=stage_ranges, pp=mesh.pp, virtual=p.virtual_stages, schedule=p.schedule,
-        microbatches=p.microbatches, sequence_parallel_tp=mesh.tp if p.sp else 1,
+        chunks=chunks, layer_ranges=ranges, stage_ranges=stage_ranges, pp=mesh.pp, virtual=p.virtual_stages,
+        schedule=p.schedule, microbatches=p.microbatches, sequence_parallel_tp=mesh.tp if p.sp else 1,
         tied_weight=model.tok_embeddings.weight if tied and (first or last) else None,
         embedding_group=_embedding_group(mesh) if tied else None)
     return model
