@@ -113,15 +113,15 @@ def _expand(cache: KVCache, rows: torch.Tensor) -> KVCache:
 def option_logprobs(model, contexts: Sequence[Sequence[int]], options: Sequence[Sequence[Sequence[int]]],
                     pad_id: int) -> list[list[float]]:
     """Summed log-probabilities of each option's ids after its context, for one batch of contexts."""
+    owner = [b for b, opts in enumerate(options) for _ in opts]
+    flat = [list(o) for opts in options for o in opts]
+    if any(not o for o in flat):
+        raise ValueError("an option encodes to no tokens; every option needs at least one token to score")
     device = _device(model)
     cache = KVCache()
     with hidden_states(model) as head:
         h = model(left_padded(contexts, pad_id, device), cache=cache)  # (B, W, d)
     first = head(h[:, -1]).float().log_softmax(-1)  # (B, V): the next token after each prompt
-    owner = [b for b, opts in enumerate(options) for _ in opts]
-    flat = [list(o) for opts in options for o in opts]
-    if any(not o for o in flat):
-        raise ValueError("an option encodes to no tokens; every option needs at least one token to score")
     scores = first[torch.tensor(owner, device=device), torch.tensor([o[0] for o in flat], device=device)]
     longest = max(len(o) for o in flat)
     if longest > 1:
