@@ -4,17 +4,24 @@ One 4-process launch saves under tp=2 x pp=2 and loads under one device, tp=4 an
 (each with its own weights first, so that only the checkpoint can make them equal): weights and optimizer
 state equal the single-device reference bit for bit, logits (and the pipeline's loss) within 1e-5 of the largest; then the
 ZeRO-1 layout saves and one device loads that. Two more launches train under tp=2: a run resumed at step 3
-logs the same losses as the uninterrupted one, bit for bit, and resumed on one device within 1e-5.
+logs the same losses as the uninterrupted one, bit for bit, and resumed on one device within 1e-5. Last, a
+torchrun job under tp=2 has its rank 1 killed with SIGKILL in the middle of a save: the previous checkpoint
+stays the newest loadable one and `--train.resume=true` continues from it.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import zlib
 
 import pytest
 import torch
-from launch import launch
+from launch import free_port, launch
 
 from engine import checkpoint as ckpt
 from engine.batch import Batch
@@ -23,6 +30,7 @@ from engine.model import build_model
 from engine.optim import build_optimizer
 from engine.parallel import Mesh, init_mesh, parallelize
 from engine.parallel.specs import parameter_specs
+from engine.paths import REPO_ROOT
 
 TOLERANCE = 1e-5
 SHAPE = ["--model.d_model=32", "--model.n_layers=4", "--model.n_heads=4", "--model.n_kv_heads=4",
@@ -216,3 +224,60 @@ def test_resume_after_three_steps_same_layout_exact_other_layout_close(tmp_path,
     one_device = _train(str(other), "--train.resume=true")
     assert one_device[:3] == losses[:3]
     assert one_device[3:] == pytest.approx(losses[3:], rel=TOLERANCE, abs=0)
+
+
+KILLED_RUN = """
+import os, sys, time
+from engine import checkpoint as ckpt
+from engine.config import load_config
+from engine.corpus import CorpusStream
+from engine.tokenizer import load_tokenizer
+from engine.train import train
+
+real_save_file = ckpt.save_file
+
+def slow_save_file(tensors, path):
+    real_save_file(tensors, path)
+    if "step-000004" in path and os.environ["RANK"] == "1":  # rank 1 stalls after its first file of step 4
+        print(f"SAVING {os.getpid()}", flush=True)
+        time.sleep(600)
+
+ckpt.save_file = slow_save_file
+cfg = load_config("configs/tiny.toml", sys.argv[1:])
+tok = load_tokenizer(cfg)
+train(cfg, lambda c: CorpusStream(c, tok))
+"""
+
+
+def test_rank_killed_during_a_save_leaves_the_previous_checkpoint_and_resume_continues(tmp_path, shared_data):
+    run = tmp_path / "run"
+    flags = TRAIN + ["--train.ckpt_every=1", "--train.keep_checkpoints=2", f"--train.run_dir={run}"]
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+                f"--master-port={free_port()}"]
+    proc = subprocess.Popen([*torchrun, str(script), *flags, "--parallel.tp=2"], cwd=REPO_ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT)))
+    watchdog = threading.Timer(180, proc.kill)  # never hang the suite if the stall is never reached
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if "SAVING " in line:  # torchrun may prefix a worker's lines with its rank
+                os.kill(int(line.split("SAVING ")[1]), signal.SIGKILL)
+                break
+        proc.communicate(timeout=120)  # torchrun sees the dead rank and stops the other
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+    assert proc.returncode != 0
+    root = ckpt.checkpoint_dir(run)
+    assert list(root.glob(".tmp-step-000004-*/model-r00001.safetensors"))  # caught mid-save
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000002", "step-000003"]
+
+    # The resume here runs on one device: the checkpoint of the killed tp=2 job reshards.
+    losses = _train(str(run), "--train.ckpt_every=1", "--train.keep_checkpoints=2", "--train.resume=true")
+    assert len(losses) == 6  # steps 1-3 from before the kill, 4-6 resumed from step 3's checkpoint
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000005", "step-000006"]
+    assert not list(root.glob(".tmp-*"))  # the killed save's folder is cleaned up by the next commit
