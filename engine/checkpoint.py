@@ -273,7 +273,7 @@ class Checkpointer:
                  timeout: float = RENDEZVOUS_TIMEOUT_S):
         self.root = checkpoint_dir(run_dir)
         self.mesh, self.keep, self.async_save, self.timeout = mesh, keep, async_save, timeout
-        session = torch.tensor([time.time_ns() % 2 ** 62 + os.getpid()], dtype=torch.int64)
+        session = torch.tensor([time.time_ns() % 2 ** 62 + os.getpid()], dtype=torch.int64, device=mesh.device)
         if mesh.world_size > 1:
             dist.broadcast(session, src=0)  # one temporary folder name for every rank of this save
         self.session = f"{int(session):x}"
@@ -561,7 +561,8 @@ def _restore_optimizer(reader: Reader, optimizer, model: torch.nn.Module, mesh: 
                         full[first:first + part.numel()] = part.reshape(-1).to(full.dtype)
                 for key in scalars:
                     state[key] = torch.tensor(index["scalars"][f"{spec.global_name}/{key}"], dtype=torch.float32)
-            optimizer.inner.state[shard] = {k: v.to(shard.device) for k, v in state.items()}
+            # Step counts stay on the CPU, where torch's (non-capturable) AdamW keeps them.
+            optimizer.inner.state[shard] = {k: v if v.ndim == 0 else v.to(shard.device) for k, v in state.items()}
             _refresh_zero_master(shard, bucket, lo, hi)
         return
     optimizer.state.clear()

@@ -13,6 +13,8 @@ Parameters, gradients, optimizer state (ZeRO paper's accounting, Rajbhandari et 
                       AdamW m and v 4 + 4 (16 B/param in all), Adafactor's factored second moment r + c fp32
                       per (r, c) matrix and n per vector (no first moment, as torch.optim.Adafactor and FLAN).
     fp32 (CPU)        weights 4 + gradients 4, no master copy; the same optimizer state.
+(Today's loop keeps fp32 weights under bf16 autocast: 4 + 4 + the state, the same total per parameter as the
+mixed accounting, split differently; ZeRO-1 would then divide the optimizer state only.)
 ZeRO-1 divides the master weights and the optimizer state by dp (offered with AdamW only: the engine's ZeRO-1
 shards elementwise state, and Adafactor's factors are not). Under tensor parallelism the block matrices
 and the vocabulary are split t ways (TP_PLAN in engine/parallel/tensor.py decides which), norms are replicated.
@@ -31,6 +33,8 @@ parallelism, else 1):
                     the PyTorch path adds the masked output copy n a d/t, the padding mask n and the additive
                     segment mask b s^2 (its s^2 term is Korthikanti's 5as/h, here without a softmax copy)
     gated MLP       gate pre-activation, its activation, up, and their product: 4 n f/t
+Activations are counted at e bytes (bf16 on GPU); the eager RMSNorm under autocast keeps its input and its
+normalised copy in fp32, 2 x 2 n h / q more bytes per layer than counted (3% at flan-137b with tp=8, sp).
 Full recomputation keeps only the block input n h/q per layer and rebuilds one layer at a time in backward.
 Per microbatch the first stage adds the rotary tables (2 n d/2 fp32) and the token ids (n int64); the last adds
 the final norm (as above) and the loss: PyTorch's log-softmax (n V/t fp32), the Triton kernel's logits-sized
