@@ -1,6 +1,6 @@
 """What each rank holds of every global tensor: the sharding description checkpoints save and load by.
 
-    specs = parameter_specs(model, mesh)          # {local name: ShardSpec(global name, global shape, box, writes)}
+    specs = parameter_specs(model, mesh)          # {local name: ShardSpec(global name, global shape, box, owner)}
     pieces = optimizer_pieces(optimizer, model, mesh)   # this rank's optimizer-state regions, by global name
 
 A region of a global tensor is a `box`: one (start, stop) pair per dimension. Nothing here re-derives the
