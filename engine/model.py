@@ -206,11 +206,12 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, batch: Batch, hidden: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                loss_reduction: str = "mean") -> torch.Tensor:
+                loss_reduction: str = "mean", return_hidden: bool = False) -> torch.Tensor:
         """Logits (B, S, V), or the loss when batch.labels is set.
 
         A pipeline stage without the embedding takes `hidden` (B, S, d) instead of tokens; one without the
-        final norm returns its hidden states.
+        final norm returns its hidden states. `return_hidden` stops after the final norm, for callers that
+        need logits at a few positions only (the scorer applies `self.output` to the last one).
         """
         h = self.tok_embeddings(batch.tokens) if hidden is None else hidden
         positions = batch.positions
@@ -225,6 +226,8 @@ class Transformer(nn.Module):
         if self.norm is None:
             return h
         h = self.norm(h)
+        if return_hidden:
+            return h
         if batch.labels is None:
             return self.output(h)
         return self.output.loss(h, batch.labels, loss_reduction)

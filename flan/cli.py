@@ -5,6 +5,8 @@
     flan pretrain configs/tiny.toml [--train.steps=100 ...]
     flan tune configs/tiny.toml --train.init_from=runs/tiny
     flan data tasks | preview DATASET | mix CONFIG
+    flan eval configs/tiny.toml --checkpoint runs/tiny-flan [--clusters nli] [--limit N]
+    flan export-hf CHECKPOINT OUT | import-hf DIR OUT
     flan plan configs/flan-137b.toml --gpus 256 --gpu-memory 80GiB
     flan checkpoint inspect DIR | convert DIR OUT --layout dp=1,pp=1,tp=1
     torchrun --nproc-per-node=2 -m flan pretrain configs/tiny.toml --parallel.tp=2
@@ -108,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.checkpoint_cli import add_checkpoint_commands
     from engine.plan_cli import add_plan_commands
     from flan.data_cli import add_data_commands
+    from flan.eval_cli import add_eval_commands
 
     add_data_commands(sub)
+    add_eval_commands(sub)
     add_plan_commands(sub)
     add_checkpoint_commands(sub)
     return parser

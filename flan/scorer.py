@@ -18,7 +18,6 @@ keys and values, at the same positions, as the full (prompt + option) sequence w
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -89,19 +88,6 @@ def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> Batch:
     return Batch(tokens=tokens, segment_ids=segments).to(device)
 
 
-@contextmanager
-def hidden_states(model):
-    """Within the block, model(...) returns the final-normed hidden states and the head is yielded to apply
-    where logits are needed: a prompt needs them at its last position only, and on a small model the
-    vocabulary projection of every position would cost more than the blocks."""
-    head = model.output
-    model.output = torch.nn.Identity()
-    try:
-        yield head
-    finally:
-        model.output = head
-
-
 def _expand(cache: KVCache, rows: torch.Tensor) -> KVCache:
     """A cache holding row rows[i] of `cache` at row i (one copy of a prompt per option)."""
     return KVCache({k: v.index_select(0, rows) for k, v in cache.keys.items()},
@@ -119,9 +105,9 @@ def option_logprobs(model, contexts: Sequence[Sequence[int]], options: Sequence[
         raise ValueError("an option encodes to no tokens; every option needs at least one token to score")
     device = _device(model)
     cache = KVCache()
-    with hidden_states(model) as head:
-        h = model(left_padded(contexts, pad_id, device), cache=cache)  # (B, W, d)
-    first = head(h[:, -1]).float().log_softmax(-1)  # (B, V): the next token after each prompt
+    # Final-normed hidden states: the vocabulary projection is needed at the prompt's last position only.
+    h = model(left_padded(contexts, pad_id, device), cache=cache, return_hidden=True)  # (B, W, d)
+    first = model.output(h[:, -1]).float().log_softmax(-1)  # (B, V): the next token after each prompt
     scores = first[torch.tensor(owner, device=device), torch.tensor([o[0] for o in flat], device=device)]
     longest = max(len(o) for o in flat)
     if longest > 1:
@@ -181,8 +167,8 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad
     """Greedy continuation of each prompt (one batch) until EOS, `max_new_tokens`, or stop_at(ids) is true."""
     device = _device(model)
     cache = KVCache()
-    with hidden_states(model) as head:
-        logits = head(model(left_padded(prompts, pad_id, device), cache=cache)[:, -1:])  # (B, 1, V)
+    h = model(left_padded(prompts, pad_id, device), cache=cache, return_hidden=True)
+    logits = model.output(h[:, -1:])  # (B, 1, V)
     B = len(prompts)
     generated: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
