@@ -212,7 +212,7 @@ MEMORY_SCRIPT = textwrap.dedent("""
         # VmHWM belongs to this process's own address space; ru_maxrss would start at the forking parent's
         # peak (it survives fork and exec), which hides growth when pytest itself has grown large.
         with open("/proc/self/status") as f:
-            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) / 1024
+            return int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1)) / 1024
     torch.manual_seed(0)
     n, v, d = 512, 32768, 32
     hidden = torch.randn(n, d, requires_grad=True)
