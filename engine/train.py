@@ -23,8 +23,9 @@ from engine import checkpoint as ckpt
 from engine.batch import Batch
 from engine.config import Config
 from engine.model import build_model
-from engine.optim import build_optimizer, lr_at, set_lr
-from engine.parallel import Mesh, clip_grad_norm, finalize_grads, init_mesh, local_batch, parallelize
+from engine.optim import lr_at, set_lr
+from engine.parallel import (Mesh, arm_last_backward, build_parallel_optimizer, clip_grad_norm, finalize_grads,
+                             init_mesh, local_batch, parallelize, pipeline_forward_backward, step_loss)
 
 
 class BatchSource(Protocol):
@@ -44,7 +45,10 @@ def autocast(cfg: Config, device: torch.device):
 
 
 def forward_backward(model: torch.nn.Module, batch: Batch, cfg: Config, mesh: Mesh, total_targets: int) -> torch.Tensor:
-    """Run this rank's micro-batches and accumulate gradients; returns this rank's share of the step loss."""
+    """Run this rank's micro-batches and accumulate gradients; returns the global step loss (on every rank)."""
+    if mesh.pp > 1:
+        loss = pipeline_forward_backward(model, batch, cfg, mesh, total_targets, lambda: autocast(cfg, mesh.device))
+        return step_loss(loss, mesh)
     rows = batch.tokens.shape[0]
     micro = max(1, -(-rows // cfg.train.grad_accum))
     loss = torch.zeros((), device=mesh.device)
@@ -52,9 +56,11 @@ def forward_backward(model: torch.nn.Module, batch: Batch, cfg: Config, mesh: Me
         mb = batch.slice_rows(start, start + micro).to(mesh.device)
         with autocast(cfg, mesh.device):
             part = model(mb, loss_reduction="sum") / max(total_targets, 1)
+        if start + micro >= rows:
+            arm_last_backward(model)  # data parallelism reduces gradients during this backward only
         part.backward()
         loss += part.detach()
-    return loss
+    return step_loss(loss, mesh)
 
 
 @torch.no_grad()
@@ -89,7 +95,7 @@ def train(cfg: Config, make_source, *, kind: str = "pretrain") -> dict:
         where = ckpt.latest_checkpoint(where) or where
         ckpt.apply_model_state(model, ckpt.load_model_state(where), where)
     model = parallelize(model.to(mesh.device), cfg, mesh)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_parallel_optimizer(model, cfg, mesh)
     saver = ckpt.Checkpointer(run_dir, mesh, cfg.train.keep_checkpoints, cfg.train.async_save)
 
     start = 0

@@ -120,8 +120,9 @@ class PipelineStage(Transformer):
     pipeline: StageInfo
     mesh: Mesh
 
-    def forward(self, batch: Batch, hidden=None, *, cache=None, loss_reduction: str = "mean") -> torch.Tensor:
-        if batch.labels is None or hidden is not None or cache is not None:
+    def forward(self, batch: Batch, hidden=None, *, cache=None, loss_reduction: str = "mean",
+                return_hidden: bool = False) -> torch.Tensor:
+        if batch.labels is None or hidden is not None or cache is not None or return_hidden:
             raise ValueError("a pipeline-parallel model computes the loss of a labelled batch only; score and "
                              "generate with a layout without pipeline parallelism (parallel.pp=1)")
         info = self.pipeline
