@@ -211,9 +211,12 @@ class Config:
                 if length % p.tp:
                     fail("parallel.sp", f"sequence parallelism splits rows across tp={p.tp} ranks but {name}="
                          f"{length} is not a multiple of it; pick lengths divisible by {p.tp}")
-        if p.virtual_stages > 1 and p.schedule != "interleaved":
-            fail("parallel.virtual_stages", f"is {p.virtual_stages} but parallel.schedule={p.schedule!r}; "
-                 "virtual stages need --parallel.schedule=interleaved")
+        from engine.parallel.schedules import check_schedule  # pure: the schedule's own rules, checked early
+
+        try:
+            check_schedule(p.schedule, p.pp, p.microbatches, p.virtual_stages)
+        except ValueError as e:
+            fail("parallel", str(e))
         if m.n_layers < p.pp * p.virtual_stages:
             fail("parallel.pp", f"pp x virtual_stages = {p.pp * p.virtual_stages} exceeds model.n_layers="
                  f"{m.n_layers}; every stage needs at least one layer")

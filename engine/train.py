@@ -24,6 +24,7 @@ from engine.batch import Batch
 from engine.config import Config
 from engine.model import build_model
 from engine.optim import lr_at, set_lr
+from engine.parallel import comm
 from engine.parallel import (Mesh, arm_last_backward, build_parallel_optimizer, clip_grad_norm, finalize_grads,
                              init_mesh, local_batch, parallelize, pipeline_forward_backward, step_loss)
 
@@ -73,7 +74,9 @@ def evaluate(model: torch.nn.Module, batches: list[Batch], cfg: Config, mesh: Me
             total += float(model(b, loss_reduction="sum"))
         count += b.num_target_tokens()
     model.train()
-    return total / max(count, 1)
+    # Each dp rank scored its rows of the batches: the loss is the sum over all of them by their count.
+    sums = comm.all_reduce(torch.tensor([total, count], dtype=torch.float64, device=mesh.device), mesh.dp_group)
+    return float(sums[0] / sums[1].clamp(min=1))
 
 
 def train(cfg: Config, make_source, *, kind: str = "pretrain") -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -80,9 +81,8 @@ def cmd_tune(args) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    # The loop has ended the process group by now: torchrun's RANK says which process speaks.
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
 
 
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_tune)
 
     from engine.checkpoint_cli import add_checkpoint_commands
+    from engine.parallel.schedule_cli import add_pipeline_commands
     from engine.plan_cli import add_plan_commands
     from flan.data_cli import add_data_commands
     from flan.eval_cli import add_eval_commands
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub)
     add_plan_commands(sub)
     add_checkpoint_commands(sub)
+    add_pipeline_commands(sub)
     return parser
 
 
