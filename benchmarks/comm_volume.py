@@ -16,13 +16,11 @@ the same volume. "sent" below is per rank, under the ring algorithm. Writes runs
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 
-from benchmarks.harness import environment, output_dir, plot_lines, print_table, write_json
+from benchmarks.harness import environment, free_port, set_rank_env, output_dir, plot_lines, print_table, write_json
 from engine.batch import Batch
 from engine.config import Config, ModelConfig, ParallelConfig
 from engine.model import build_model
@@ -45,8 +43,7 @@ def tally_step(cfg: Config, mesh, batch: Batch) -> comm.CommTally:
 
 
 def measure_rank(rank: int, world: int, port: int, cases: list[dict], results) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     mesh = None
     rows = []
@@ -76,12 +73,6 @@ def summarise(case: dict, tp: int, one: comm.CommTally, two: comm.CommTally) -> 
             "calls_per_layer": " ".join(f"{label} x{calls[k]}" for k, label in KINDS.items() if calls[k]),
             "sent_KiB_per_layer": measured / 1024, "megatron_KiB": formula / 1024, "ratio": measured / formula,
             "outside_KiB": (sum(one.sent_bytes.values()) - measured) / 1024}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

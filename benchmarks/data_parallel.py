@@ -16,15 +16,13 @@ does not). Writes runs/bench/data_parallel/.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.multiprocessing as mp
 
-from benchmarks.harness import environment, output_dir, print_table, write_json
+from benchmarks.harness import environment, free_port, set_rank_env, output_dir, print_table, write_json
 from engine.batch import Batch
 from engine.config import load_config
 from engine.model import build_model
@@ -44,8 +42,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 
 def measure_rank(rank: int, world: int, port: int, cases: list[dict], args, results) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     rows = []
     for case in cases:
@@ -79,12 +76,6 @@ def measure_rank(rank: int, world: int, port: int, cases: list[dict], args, resu
                          ring_formula_mib=2 * (world - 1) / world * gradient_bytes / 2**20,
                          optimizer_state_mib=optimizer_state_bytes(optimizer) / 2**20, buckets=len(sync.buckets)))
     results.put(rows)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -20,7 +20,9 @@ keeps no allocator statistics).
 from __future__ import annotations
 
 import json
+import os
 import platform
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -197,3 +199,16 @@ def plot_lines(rows: Iterable[dict], *, x: str, y: str, series: str | Sequence[s
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a multi-process benchmark's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_rank_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun would give process `rank` of `world` on this machine."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))

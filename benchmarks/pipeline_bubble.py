@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 
 import torch
 import torch.multiprocessing as mp
 
-from benchmarks.harness import environment, output_dir, plot_lines, print_table, write_json
+from benchmarks.harness import environment, free_port, set_rank_env, output_dir, plot_lines, print_table, write_json
 from engine.batch import Batch
 from engine.config import Config, ModelConfig, ParallelConfig
 from engine.model import build_model
@@ -37,8 +36,7 @@ def model_config(d_model: int, n_layers: int) -> ModelConfig:
 
 
 def measure_rank(rank: int, world: int, port: int, cases: list[dict], args, results) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    set_rank_env(rank, world, port)
     torch.set_num_threads(1)
     if hasattr(os, "sched_setaffinity") and world <= os.cpu_count():
         os.sched_setaffinity(0, {rank})  # one core per stage, as one device per stage
@@ -55,7 +53,7 @@ def measure_rank(rank: int, world: int, port: int, cases: list[dict], args, resu
         tokens = torch.randint(0, cfg.model.vocab_size, (rows_per_step, args.seq_len), generator=gen)
         batch = Batch(tokens, labels=tokens.roll(-1, dims=1))
         microbatches = split_microbatches(batch, case["microbatches"])
-        fractions, fwd_bwd = [], []
+        fractions = []
         for rep in range(args.reps + 1):
             model.pipeline.counters.clear()
             torch.distributed.barrier(group=mesh.pp_group)
@@ -67,12 +65,6 @@ def measure_rank(rank: int, world: int, port: int, cases: list[dict], args, resu
                 fractions.append(1 - model.pipeline.counters["busy_s"] / wall)
         rows.append(dict(case, rank=rank, bubble=statistics.median(fractions)))
     results.put(rows)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -21,10 +21,10 @@ import os
 import signal
 import sys
 
-from engine.config import ConfigError, load_config
+from engine.config import Config, ConfigError, load_config
 
 
-def _config(args) -> "Config":  # noqa: F821
+def _config(args) -> Config:
     return load_config(args.config, args.overrides)
 
 
