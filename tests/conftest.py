@@ -5,6 +5,11 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI draws the same examples every run (a red CI must be reproducible); a developer's run draws new ones.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 from engine.paths import shared_data_dir  # noqa: E402
 
