@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import environment, output_dir, plot_lines, print_table, write_json
-from engine.checkpoint import save_checkpoint
+from engine.checkpoint import save_weights
 from engine.config import Config, load_config
 from engine.hf import export_hf
 from engine.model import build_model
@@ -47,7 +47,7 @@ def model_and_export(args, work: Path):
         tokenizer = load_tokenizer(cfg)
         cfg.data.tokenizer = str(tokenizer.path)
         model = build_model(cfg.model, seed=0).eval()
-        step = save_checkpoint(work / "run", 0, model.state_dict(), None, {}, {"config": cfg.to_dict()}, keep=1)
+        step = save_weights(work / "run", 0, model.state_dict(), {"config": cfg.to_dict()}, keep=1)
     return model, tokenizer, export_hf(step, work / "hf")
 
 

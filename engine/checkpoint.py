@@ -345,13 +345,10 @@ def dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor], optimizer,
-                    param_names: dict[int, str], meta: dict[str, Any], keep: int) -> Path:
+def save_weights(run_dir: str | Path, step: int, model_state: dict[str, torch.Tensor], meta: dict[str, Any],
+                 keep: int) -> Path:
     """A single-device state dict (weights only) as a one-rank checkpoint: what importers write. Training
     state goes through Checkpointer.save, which knows the layout."""
-    if optimizer is not None:
-        raise ValueError("save_checkpoint writes weights only; save training state with Checkpointer(...).save("
-                         "step, model, optimizer, meta), which records the layout's shards")
     share = Share(0)
     for name, t in dedup_tied(model_state).items():
         share.add("model", name, tuple(t.shape), tuple((0, n) for n in t.shape), t)

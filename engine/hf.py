@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.checkpoint import dedup_tied, load_meta, load_model_state, save_checkpoint
+from engine.checkpoint import dedup_tied, load_meta, load_model_state, save_weights
 from engine.config import Config, ModelConfig, config_from_dict
 
 # Per-layer parameter names: ours -> HF Llama's (under "model.layers.<i>.").
@@ -246,8 +246,7 @@ def import_hf(folder: str | Path, run_dir: str | Path) -> Path:
     cfg.train.run_dir = str(run_dir / "tuned")
     cfg.validate(str(config_path))
     (run_dir / "config.toml").write_text(config_toml(cfg, f"imported by `flan import-hf` from {folder}"))
-    return save_checkpoint(run_dir, 0, state, None, {}, {"config": cfg.to_dict(), "imported_from": str(folder)},
-                           keep=1)
+    return save_weights(run_dir, 0, state, {"config": cfg.to_dict(), "imported_from": str(folder)}, keep=1)
 
 
 def config_toml(cfg: Config, comment: str) -> str:

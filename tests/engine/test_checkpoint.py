@@ -120,8 +120,7 @@ def test_shapes_that_do_not_fit_the_config_are_refused(tmp_path):
     deeper, _ = fresh(load_config("configs/tiny.toml", SMALL + ["--model.n_layers=3"]))
     with pytest.raises(ckpt.CheckpointError, match=r"missing \['layers.2.attn.wk.weight'"):
         ckpt.load_checkpoint(path, deeper, None)
-    weights_only = ckpt.save_checkpoint(tmp_path / "w", 0, model.state_dict(), None, {}, {"config": cfg.to_dict()},
-                                        keep=1)
+    weights_only = ckpt.save_weights(tmp_path / "w", 0, model.state_dict(), {"config": cfg.to_dict()}, keep=1)
     with pytest.raises(ckpt.CheckpointError, match="holds no optimizer state"):
         ckpt.load_checkpoint(weights_only, *fresh(cfg))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.batch import Batch
-from engine.checkpoint import load_meta, load_model_state, save_checkpoint
+from engine.checkpoint import load_meta, load_model_state, save_weights
 from engine.config import Config, ModelConfig, load_config
 from engine.hf import HFError, check_tokenizer, export_hf, import_hf, model_config_from_llama
 from engine.model import build_model
@@ -30,7 +30,7 @@ def saved_model(tmp_path, tokenizer, **model_fields):
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.uniform_(0.5, 1.5)
-    step = save_checkpoint(tmp_path / "run", 1, model.state_dict(), None, {}, {"config": cfg.to_dict()}, keep=1)
+    step = save_weights(tmp_path / "run", 1, model.state_dict(), {"config": cfg.to_dict()}, keep=1)
     return model, step
 
 

@@ -8,7 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from engine.checkpoint import save_checkpoint  # noqa: E402
+from engine.checkpoint import save_weights  # noqa: E402
 from engine.config import Config, ModelConfig, load_config  # noqa: E402
 from engine.hf import export_hf  # noqa: E402
 from engine.model import build_model  # noqa: E402
@@ -31,7 +31,7 @@ def setup(tmp_path_factory, shared_data):
     cfg.data.tokenizer = str(tok.path)
     model = build_model(cfg.model, seed=11).eval()
     root = tmp_path_factory.mktemp("peer")
-    step = save_checkpoint(root / "run", 1, model.state_dict(), None, {}, {"config": cfg.to_dict()}, keep=1)
+    step = save_weights(root / "run", 1, model.state_dict(), {"config": cfg.to_dict()}, keep=1)
     registry = load_registry()
     requests = []
     # rte: long prompts, one-token options; copa: sentence options (the continuation pass over the cache).

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from engine.batch import Batch
-from engine.checkpoint import save_checkpoint
+from engine.checkpoint import save_weights
 from engine.config import Config, ModelConfig, load_config
 from engine.model import build_model
 from flan.evaluate import EvalError, build_requests, dev_test_rows, eval_templates
@@ -214,7 +214,7 @@ def tiny_run(tmp_path_factory, shared_data):
                                    head_dim=8, d_ff=48))
     cfg.data.tokenizer, cfg.train.run_dir = str(tok.path), str(run)
     model = build_model(cfg.model, seed=0)
-    save_checkpoint(run, 1, model.state_dict(), None, {}, {"config": cfg.to_dict()}, keep=1)
+    save_weights(run, 1, model.state_dict(), {"config": cfg.to_dict()}, keep=1)
     return run
 
 
