@@ -143,7 +143,7 @@ def benchmark(args) -> list[dict]:
                                         warmup=args.warmup, reps=args.reps)
                             row.update(ms=m.ms, peak_mib=m.peak_mib,
                                        tflops=PASS_FLOP_FACTOR[pass_name] * flops / (m.ms * 1e-3) / 1e12)
-                        except (RuntimeError, ValueError) as err:  # NotImplementedError is a RuntimeError
+                        except (RuntimeError, ValueError) as err:  # an unavailable backend raises a RuntimeError subclass
                             # A peer's backend may be missing for this shape or device (recorded, shown as
                             # '-'); a failure of our own kernel is a bug, except running out of memory.
                             if provider == "triton" and not isinstance(err, torch.OutOfMemoryError):
