@@ -149,6 +149,8 @@ class TrainConfig:
     """Write checkpoints from a background thread (tensors copied to CPU memory first) while training goes on."""
     init_from: str = ""
     """Checkpoint folder whose weights start the run (instruction tuning starts from pretraining)."""
+    peak_tflops: float = 0.0
+    """The device's dense peak (e.g. 989 for an H100/H200 in bf16); when set, metrics.jsonl reports MFU."""
 
 
 @dataclass

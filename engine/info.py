@@ -28,15 +28,16 @@ def parameter_table(cfg: Config) -> dict[str, int]:
     return dict(counts)
 
 
-def training_flops_per_token(cfg: Config) -> dict[str, float]:
+def training_flops_per_token(cfg: Config, seq_len: int | None = None) -> dict[str, float]:
     """6 x (matmul parameters) for forward + backward, plus attention scores and values:
-    12 x layers x heads x head_dim x seq_len (PaLM's appendix convention, full S x S counted)."""
+    12 x layers x heads x head_dim x seq_len (PaLM's appendix convention, full S x S counted).
+    seq_len defaults to data.seq_len (pretraining rows)."""
     m = cfg.model
     per_layer = (m.d_model * m.head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)  # q, o and k, v
                  + 3 * m.d_model * m.d_ff)  # gate, up, down
     matmul_params = m.n_layers * per_layer + m.vocab_size * m.d_model  # the output projection
     dense = 6 * matmul_params
-    attn = 12 * m.n_layers * m.n_heads * m.head_dim * cfg.data.seq_len
+    attn = 12 * m.n_layers * m.n_heads * m.head_dim * (seq_len or cfg.data.seq_len)
     return {"dense": float(dense), "attention": float(attn), "total": float(dense + attn)}
 
 

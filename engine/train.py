@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine.batch import Batch
-from engine.config import Config
+from engine.config import Config, ConfigError
+from engine.info import training_flops_per_token
 from engine.model import build_model
 from engine.optim import lr_at, set_lr
 from engine.parallel import comm
@@ -102,8 +103,11 @@ def train(cfg: Config, make_source, *, kind: str = "pretrain") -> dict:
     saver = ckpt.Checkpointer(run_dir, mesh, cfg.train.keep_checkpoints, cfg.train.async_save)
 
     start = 0
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None and not cfg.train.resume:
+        raise ConfigError(f"train.run_dir: {run_dir} already holds checkpoints (newest {latest.name}); pass "
+                          "--train.resume=true to continue that run, or choose another --train.run_dir")
     if cfg.train.resume:
-        latest = ckpt.latest_checkpoint(run_dir)
         if latest is not None:
             meta = ckpt.load_checkpoint(latest, model, optimizer, mesh)
             source.load_state_dict(meta["data"])
@@ -135,8 +139,13 @@ def train(cfg: Config, make_source, *, kind: str = "pretrain") -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss_value = float(loss)
         elapsed = time.perf_counter() - t0
+        tokens_per_s = batch.tokens.numel() / elapsed
+        flops_per_token = training_flops_per_token(cfg, seq_len=batch.tokens.shape[1])["total"]
         record = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": batch.tokens.numel() / elapsed, "target_tokens": total_targets}
+                  "tokens_per_s": tokens_per_s, "target_tokens": total_targets,
+                  "tflops_per_s": flops_per_token * tokens_per_s / 1e12}
+        if cfg.train.peak_tflops:  # model FLOPs utilisation over every device of the run
+            record["mfu"] = record["tflops_per_s"] / (cfg.train.peak_tflops * mesh.world_size)
         done = step + 1
         if cfg.train.val_every and (done % cfg.train.val_every == 0 or done == cfg.train.steps):
             record["val_loss"] = evaluate(model, val_cache, cfg, mesh)

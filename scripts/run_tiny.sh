@@ -6,15 +6,16 @@
 #   4. score tuned against pretrained zero-shot on the held-out cluster      -> runs/tiny-flan/eval
 #      (scores.json, scores.md, heldout.png)
 # Extra --section.field=value flags reach every step (CI shortens the run with --train.steps=5);
-# FLAN_RUNS moves the output folder.
+# FLAN_RUNS moves the output folder. Running it again continues from the newest checkpoints (a finished
+# run is only re-evaluated).
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 CONFIG="${FLAN_CONFIG:-configs/tiny.toml}"
 RUNS="${FLAN_RUNS:-runs}"
 set -x
 python -m flan tokenizer train "$CONFIG" "$@"
-python -m flan pretrain "$CONFIG" --train.run_dir="$RUNS/tiny" "$@"
+python -m flan pretrain "$CONFIG" --train.run_dir="$RUNS/tiny" --train.resume=true "$@"
 # Tuning: fewer steps at a constant rate after a short warm-up (FLAN tuned at a constant rate too).
-python -m flan tune "$CONFIG" --train.run_dir="$RUNS/tiny-flan" --train.init_from="$RUNS/tiny" \
+python -m flan tune "$CONFIG" --train.run_dir="$RUNS/tiny-flan" --train.init_from="$RUNS/tiny" --train.resume=true \
     --train.steps=150 --optim.schedule=constant --optim.lr=1e-3 --optim.warmup_steps=10 "$@"
 python -m flan eval "$CONFIG" --checkpoint "$RUNS/tiny-flan" "$@"
 cat "$RUNS/tiny-flan/eval/scores.md"

@@ -82,3 +82,16 @@ def test_adafactor_and_constant_schedule_train(tmp_path, shared_data):
     rows = run(tmp_path, "f", "--train.steps=3", "--optim.name=adafactor", "--optim.schedule=constant",
                "--optim.lr=1e-2", "--train.val_every=0", "--train.ckpt_every=0")
     assert rows[-1]["lr"] == 1e-2 and all(r["loss"] == r["loss"] for r in rows)
+
+
+def test_a_finished_run_is_never_overwritten_and_mfu_is_reported(tmp_path, shared_data):
+    from engine.config import ConfigError
+
+    rows = run(tmp_path, "m", "--train.steps=2", "--train.val_every=0", "--train.peak_tflops=1.0")
+    assert all(r["tflops_per_s"] > 0 and r["mfu"] == r["tflops_per_s"] / 1.0 for r in rows)
+    before = (tmp_path / "m" / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"already holds checkpoints \(newest step-000002\); pass --train.resume=true"):
+        run(tmp_path, "m", "--train.steps=2", "--train.val_every=0")
+    assert (tmp_path / "m" / "metrics.jsonl").read_text() == before
+    again = run(tmp_path, "m", "--train.steps=2", "--train.val_every=0", "--train.resume=true")
+    assert [r["loss"] for r in again] == [r["loss"] for r in rows]  # a finished run resumes to no new step
