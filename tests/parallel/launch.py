@@ -9,11 +9,17 @@ and the error carries that rank's traceback; a launch that outlives `timeout` (a
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import queue
 import socket
+import subprocess
+import sys
 import traceback
+from pathlib import Path
+
+from engine.paths import REPO_ROOT
 
 # Children fork from a server that imported torch once: each rank then starts in a fraction of a second,
 # and no rank inherits the thread pools of the pytest process (fork after OpenMP use can hang).
@@ -71,3 +77,47 @@ def launch(worker, world_size: int, *args, timeout: float = 120.0) -> list:
                 p.kill()
                 p.join()
     return [by_rank[r] for r in range(world_size)]
+
+
+# ---- the `flan` command under torchrun, as users launch it --------------------------------------------------
+def two_node_torchrun(nproc_per_node: int) -> list[list[str]]:
+    """The launcher of each of two torchrun "nodes" on localhost (node ranks 0 and 1, one rendezvous)."""
+    common = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc-per-node={nproc_per_node}",
+              "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    return [[*common, f"--node-rank={node}"] for node in (0, 1)]
+
+
+def start_pretrain(launcher: list[str], run_dir, *flags: str) -> subprocess.Popen:
+    """`flan pretrain configs/tiny.toml FLAGS` under `launcher` (torchrun, or plain python for one device)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # several processes share the cores
+    command = [*launcher, "-m", "flan", "pretrain", "configs/tiny.toml", *flags, f"--train.run_dir={run_dir}"]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(proc: subprocess.Popen) -> None:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{' '.join(proc.args)} failed:\n{out[-4000:]}"
+
+
+def read_metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def two_nodes_and_one_device(tmp_path, name: str, nproc_per_node: int, flags: list[str],
+                             layout: list[str]) -> tuple[list[dict], list[dict]]:
+    """`flan pretrain FLAGS` on one device (run "one") and under two torchrun nodes with LAYOUT (run `name`),
+    all at once; returns both metrics.jsonl files."""
+    nodes = [start_pretrain(launcher, tmp_path / name, *flags, *layout) for launcher in two_node_torchrun(nproc_per_node)]
+    one = start_pretrain([sys.executable], tmp_path / "one", *flags)
+    for proc in (*nodes, one):
+        finish(proc)
+    return read_metrics(tmp_path / "one"), read_metrics(tmp_path / name)
+
+
+def assert_same_logs(single: list[dict], parallel: list[dict], steps: int, tolerance: float) -> None:
+    """Every step's loss and gradient norm equal within `tolerance` relative."""
+    assert [r["step"] for r in parallel] == [r["step"] for r in single] == list(range(1, steps + 1))
+    for a, b in zip(single, parallel):
+        for key in ("loss", "grad_norm"):
+            assert abs(a[key] - b[key]) <= tolerance * abs(a[key]), (key, a, b)
