@@ -18,9 +18,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.multiprocessing as mp
 
-from benchmarks.harness import environment, free_port, set_rank_env, output_dir, plot_lines, print_table, write_json
+from benchmarks.harness import environment, output_dir, plot_lines, print_table, run_ranks, write_json
 from engine.batch import Batch
 from engine.config import Config, ModelConfig, ParallelConfig
 from engine.model import build_model
@@ -42,9 +41,7 @@ def tally_step(cfg: Config, mesh, batch: Batch) -> comm.CommTally:
     return tally
 
 
-def measure_rank(rank: int, world: int, port: int, cases: list[dict], results) -> None:
-    set_rank_env(rank, world, port)
-    torch.set_num_threads(1)
+def measure_rank(rank: int, world: int, cases: list[dict]) -> list[dict]:
     mesh = None
     rows = []
     for case in cases:
@@ -58,9 +55,8 @@ def measure_rank(rank: int, world: int, port: int, cases: list[dict], results) -
             tokens = torch.randint(0, cfg.model.vocab_size, (case["batch"], case["seq_len"]), generator=gen)
             tallies[n_layers] = tally_step(cfg, mesh, Batch(tokens, labels=tokens))
         rows.append(summarise(case, world, tallies[1], tallies[2]))
-    if rank == 0:
-        results.put(rows)
     torch.distributed.destroy_process_group()
+    return rows
 
 
 def summarise(case: dict, tp: int, one: comm.CommTally, two: comm.CommTally) -> dict:
@@ -87,10 +83,7 @@ def main() -> None:
              for d in args.d_model.split(",") for sp in (False, True)]
     rows = []
     for tp in map(int, args.tp.split(",")):
-        context = mp.get_context("spawn")
-        results = context.SimpleQueue()
-        mp.start_processes(measure_rank, args=(tp, free_port(), cases, results), nprocs=tp, start_method="spawn")
-        rows.extend(results.get())
+        rows.extend(run_ranks(measure_rank, tp, cases)[0])  # every rank counts the same bytes: rank 0's rows
     columns = ["tp", "sp", "B", "S", "d", "calls_per_layer", "sent_KiB_per_layer", "megatron_KiB", "ratio",
                "outside_KiB"]
     print_table(rows, columns, title="per-rank bytes sent per layer, forward + backward (fp32, ring algorithm)")

@@ -20,9 +20,8 @@ import statistics
 import time
 
 import torch
-import torch.multiprocessing as mp
 
-from benchmarks.harness import environment, free_port, set_rank_env, output_dir, print_table, write_json
+from benchmarks.harness import environment, output_dir, print_table, run_ranks, write_json
 from engine.batch import Batch
 from engine.config import load_config
 from engine.model import build_model
@@ -41,9 +40,7 @@ def optimizer_state_bytes(optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
 
 
-def measure_rank(rank: int, world: int, port: int, cases: list[dict], args, results) -> None:
-    set_rank_env(rank, world, port)
-    torch.set_num_threads(1)
+def measure_rank(rank: int, world: int, cases: list[dict], args) -> list[dict]:
     rows = []
     for case in cases:
         cfg = load_config(args.config, [f"--parallel.zero={case['zero']}", f"--parallel.bucket_mb={case['bucket_mb']}",
@@ -75,7 +72,7 @@ def measure_rank(rank: int, world: int, port: int, cases: list[dict], args, resu
                          sent_mib=sent[-1] / 2**20, wire_mib=wire[-1] / 2**20, gradient_mib=gradient_bytes / 2**20,
                          ring_formula_mib=2 * (world - 1) / world * gradient_bytes / 2**20,
                          optimizer_state_mib=optimizer_state_bytes(optimizer) / 2**20, buckets=len(sync.buckets)))
-    results.put(rows)
+    return rows
 
 
 def main() -> None:
@@ -89,15 +86,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     cases = [dict(zero=z, bucket_mb=float(b)) for b in args.bucket_mb.split(",") for z in (0, 1)]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=measure_rank, args=(r, args.dp, port, cases, args, results)) for r in range(args.dp)]
-    for p in procs:
-        p.start()
-    per_rank = sorted((row for _ in procs for row in results.get(timeout=1800)), key=lambda r: r["rank"])
-    for p in procs:
-        p.join()
+    per_rank = [row for rows in run_ranks(measure_rank, args.dp, cases, args) for row in rows]
     columns = ["rank", "dp", "zero", "bucket_mb", "buckets", "gradient_mib", "sent_mib", "wire_mib", "ring_formula_mib",
                "optimizer_state_mib", "step_ms"]
     print_table(per_rank, columns, title="data parallelism per rank and step (CPU, gloo)")

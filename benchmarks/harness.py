@@ -208,7 +208,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def set_rank_env(rank: int, world: int, port: int) -> None:
-    """The environment torchrun would give process `rank` of `world` on this machine."""
+def _rank_main(worker, rank: int, world: int, port: int, args: tuple, results) -> None:
+    """One spawned rank: torchrun's environment, one thread (ranks share the cores), then worker's rows."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    results.put((rank, worker(rank, world, *args)))
+
+
+def run_ranks(worker: Callable, world: int, *args) -> list:
+    """Run worker(rank, world, *args) on `world` spawned processes that rendezvous as torchrun's would, and
+    return what each returned, in rank order (worker must be a module-level function)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_main, args=(worker, r, world, port, args, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    returned = dict(results.get(timeout=1800) for _ in procs)
+    for p in procs:
+        p.join()
+    return [returned[r] for r in range(world)]

@@ -18,9 +18,8 @@ import statistics
 import time
 
 import torch
-import torch.multiprocessing as mp
 
-from benchmarks.harness import environment, free_port, set_rank_env, output_dir, plot_lines, print_table, write_json
+from benchmarks.harness import environment, output_dir, plot_lines, print_table, run_ranks, write_json
 from engine.batch import Batch
 from engine.config import Config, ModelConfig, ParallelConfig
 from engine.model import build_model
@@ -35,9 +34,7 @@ def model_config(d_model: int, n_layers: int) -> ModelConfig:
                        head_dim=d_model // 4, d_ff=4 * d_model)
 
 
-def measure_rank(rank: int, world: int, port: int, cases: list[dict], args, results) -> None:
-    set_rank_env(rank, world, port)
-    torch.set_num_threads(1)
+def measure_rank(rank: int, world: int, cases: list[dict], args) -> list[dict]:
     if hasattr(os, "sched_setaffinity") and world <= os.cpu_count():
         os.sched_setaffinity(0, {rank})  # one core per stage, as one device per stage
     rows = []
@@ -64,7 +61,7 @@ def measure_rank(rank: int, world: int, port: int, cases: list[dict], args, resu
             if rep:  # the first step warms up allocators and gloo's connections
                 fractions.append(1 - model.pipeline.counters["busy_s"] / wall)
         rows.append(dict(case, rank=rank, bubble=statistics.median(fractions)))
-    results.put(rows)
+    return rows
 
 
 def main() -> None:
@@ -81,15 +78,7 @@ def main() -> None:
     cases = [dict(schedule=s, microbatches=m, virtual=v)
              for m in map(int, args.microbatches.split(","))
              for s, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)) if s != "interleaved" or m % args.pp == 0]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=measure_rank, args=(r, args.pp, port, cases, args, results)) for r in range(args.pp)]
-    for p in procs:
-        p.start()
-    per_rank = [row for _ in procs for row in results.get(timeout=1800)]
-    for p in procs:
-        p.join()
+    per_rank = [row for rows in run_ranks(measure_rank, args.pp, cases, args) for row in rows]
     table = []
     for case in cases:
         mine = [r["bubble"] for r in per_rank if all(r[k] == case[k] for k in case)]
