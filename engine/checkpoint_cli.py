@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from engine import checkpoint as ckpt
-from engine.config import config_from_dict
+from engine.config import config_from_dict, layout_problem
 from engine.parallel.specs import layout_boxes
 
 
@@ -73,10 +73,10 @@ def convert(src: Path, out: Path, layout: dict[str, int], weights_only: bool) ->
     written whole, as zero=0 saves it: it still loads into ZeRO-1)."""
     index = ckpt.load_meta(src)
     cfg = config_from_dict(index["config"], f"{src / ckpt.INDEX}")
-    if cfg.model.n_layers < layout["pp"] or any(
-            getattr(cfg.model, f) % layout["tp"] for f in ("n_heads", "n_kv_heads", "d_ff", "vocab_size")):
+    problem = layout_problem(cfg.model, layout["tp"], layout["pp"])
+    if problem:
         raise ckpt.CheckpointError(f"--layout {layout}: this model (config in {src / ckpt.INDEX}) cannot be split "
-                                   "that way; tp must divide its heads, kv heads, d_ff and vocabulary, pp <= layers")
+                                   f"that way: {problem[0]} {problem[1]}")
     if out.exists():
         raise ckpt.CheckpointError(f"{out}: already exists; choose a new folder for the converted checkpoint")
     reader = ckpt.Reader(src, index)

@@ -7,6 +7,7 @@ starts, naming the file or flag, the field, what is accepted and how to fix it.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import tomllib
 import typing
@@ -46,9 +47,11 @@ class ModelConfig:
     init_std: float = 0.02
     """Standard deviation of the normal init; residual output projections get init_std / sqrt(2 n_layers)."""
     attention: Literal["auto", "torch", "triton"] = "auto"
-    """Attention implementation: the Triton flash kernel, the PyTorch path, or auto (Triton on CUDA)."""
+    """Attention implementation: the Triton flash kernel, the PyTorch path, or auto (`resolve_auto`: Triton on
+    CUDA)."""
     loss: Literal["auto", "torch", "triton", "fused"] = "auto"
-    """Cross-entropy: PyTorch, the Triton kernel on logits, the fused output-projection kernel, or auto."""
+    """Cross-entropy: PyTorch, the Triton kernel on logits, the fused output-projection kernel, or auto
+    (`resolve_auto`: fused on CUDA, which tensor parallelism runs as the vocab-parallel Triton kernel)."""
 
 
 @dataclass
@@ -133,6 +136,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast on CUDA and fp32 on CPU when auto."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where each rank runs: cuda (device LOCAL_RANK), cpu, or auto (CUDA when torch sees a GPU)."""
     log_every: int = 1
     """Progress-bar refresh interval in steps (metrics.jsonl always gets every step)."""
     val_every: int = 50
@@ -151,6 +155,8 @@ class TrainConfig:
     """Checkpoint folder whose weights start the run (instruction tuning starts from pretraining)."""
     peak_tflops: float = 0.0
     """The device's dense peak (e.g. 989 for an H100/H200 in bf16); when set, metrics.jsonl reports MFU."""
+    tensorboard: bool = False
+    """Also write the metrics as TensorBoard event files in <run_dir>/tensorboard (`tensorboard --logdir`)."""
 
 
 @dataclass
@@ -196,17 +202,9 @@ class Config:
                 fail(f"parallel.{name}", f"is {getattr(p, name)}; it must be at least 1")
         if p.dp < 0:
             fail("parallel.dp", f"is {p.dp}; use 0 (derive from the world size) or a positive integer")
-        if m.n_heads % p.tp:
-            fail("parallel.tp", f"{p.tp} does not divide model.n_heads={m.n_heads}; "
-                 f"choose tp among {_divisors(m.n_heads)}")
-        if m.n_kv_heads % p.tp:
-            fail("parallel.tp", f"{p.tp} does not divide model.n_kv_heads={m.n_kv_heads}; "
-                 f"choose tp among {_divisors(m.n_kv_heads)}")
-        if m.vocab_size % p.tp:
-            fail("parallel.tp", f"{p.tp} does not divide model.vocab_size={m.vocab_size}; "
-                 "pick a vocab size that tp divides")
-        if m.d_ff % p.tp:
-            fail("parallel.tp", f"{p.tp} does not divide model.d_ff={m.d_ff}")
+        problem = layout_problem(m, p.tp, p.pp, p.virtual_stages)
+        if problem:
+            fail(*problem)
         if p.sp and p.tp > 1:
             for name, length in (("data.seq_len", self.data.seq_len),
                                  ("data.input_len + data.target_len", self.data.input_len + self.data.target_len)):
@@ -219,9 +217,6 @@ class Config:
             check_schedule(p.schedule, p.pp, p.microbatches, p.virtual_stages)
         except ValueError as e:
             fail("parallel", str(e))
-        if m.n_layers < p.pp * p.virtual_stages:
-            fail("parallel.pp", f"pp x virtual_stages = {p.pp * p.virtual_stages} exceeds model.n_layers="
-                 f"{m.n_layers}; every stage needs at least one layer")
         if t.steps < 1:
             fail("train.steps", f"is {t.steps}; it must be at least 1")
         if t.batch_size < 1 or t.grad_accum < 1:
@@ -242,6 +237,64 @@ class Config:
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_problem(m: ModelConfig, tp: int, pp: int = 1, virtual: int = 1) -> tuple[str, str] | None:
+    """Why this model cannot be split tp x pp x virtual ways, as (field, message), or None when it can.
+
+    Tensor parallelism gives each rank whole query and key/value heads and equal slices of d_ff and of the
+    vocabulary; every pipeline stage (pp x virtual of them) needs a layer. The one home of these rules:
+    validate(), apply_tensor_parallel, the planner and `flan checkpoint convert` all ask here.
+    """
+    for name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
+        size = getattr(m, name)
+        if size % tp:
+            return "parallel.tp", f"{tp} does not divide model.{name}={size}; choose tp among {_divisors(size)}"
+    if m.n_layers < pp * virtual:
+        return "parallel.pp", (f"pp x virtual_stages = {pp * virtual} exceeds model.n_layers={m.n_layers}; every "
+                               "stage needs at least one layer")
+    return None
+
+
+AUTO_FIELDS = (("train", "device"), ("train", "precision"), ("model", "attention"), ("model", "loss"))
+"""The choices that may be "auto" in a config file and that `resolve_auto` makes."""
+
+
+def unresolved(cfg: Config) -> list[str]:
+    """The fields of `cfg` still set to "auto" (empty once resolve_auto has run)."""
+    return [f"{section}.{name}" for section, name in AUTO_FIELDS if getattr(getattr(cfg, section), name) == "auto"]
+
+
+def resolve_auto(cfg: Config, cuda_available: bool | None = None) -> Config:
+    """A copy of `cfg` with every "auto" choice made for the device this process runs on. The one home of
+    these rules (the training loop calls it once, before anything is built):
+
+        train.device     cuda when torch sees a GPU, else cpu
+        train.precision  bf16 autocast on cuda, fp32 on cpu
+        model.attention  triton (the flash kernel) on cuda, torch on cpu
+        model.loss       fused (the output projection + cross-entropy kernel) on cuda, torch on cpu
+
+    Checkpoints keep the configuration as written, so a run trained on GPUs still resolves to the CPU paths
+    when loaded on a CPU. `cuda_available` overrides torch's answer (tests).
+    """
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    out = copy.deepcopy(cfg)
+    t, m = out.train, out.model
+    if t.device == "cuda" and not cuda_available:
+        raise ConfigError("train.device: cuda, but torch sees no CUDA device; use --train.device=cpu (or auto)")
+    if t.device == "auto":
+        t.device = "cuda" if cuda_available else "cpu"
+    gpu = t.device == "cuda"
+    if t.precision == "auto":
+        t.precision = "bf16" if gpu else "fp32"
+    if m.attention == "auto":
+        m.attention = "triton" if gpu else "torch"
+    if m.loss == "auto":
+        m.loss = "fused" if gpu else "torch"
+    return out
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)

@@ -81,8 +81,6 @@ def attention_torch(q, k, v, segment_ids, *, causal=True, q_segment_ids=None, q_
 
 def attention(q, k, v, segment_ids, impl: str):
     """The one attention entry point of the model: the Triton flash kernel or the PyTorch path."""
-    if impl == "auto":
-        impl = "triton" if q.is_cuda else "torch"
     if impl == "triton":
         from kernels.attention import flash_attention
 
@@ -173,8 +171,6 @@ class OutputHead(nn.Module):
         """Cross-entropy over the non-ignored labels; "sum" lets the loop normalise by a global token count."""
         h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
         impl = self.impl
-        if impl == "auto":
-            impl = "fused" if h.is_cuda else "torch"
         if impl == "fused":
             from kernels.cross_entropy import linear_cross_entropy
 

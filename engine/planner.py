@@ -56,9 +56,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from engine.config import Config
+from engine.config import Config, layout_problem
 from engine.info import meta_model, training_flops_per_token
-from engine.parallel.specs import planned_shard_dim
+from engine.parallel.tensor import planned_shard_dim
 
 GiB = 1024 ** 3
 
@@ -356,17 +356,17 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> list[La
     m, batch = cfg.model, cfg.train.batch_size
     out = []
     for tp in _divisors(gpus):
-        if tp > gpus_per_node or any(x % tp for x in (m.n_heads, m.n_kv_heads, m.d_ff, m.vocab_size)):
+        if tp > gpus_per_node or layout_problem(m, tp):
             continue
         sp_choices = (True,) if tp > 1 and cfg.data.seq_len % tp == 0 else (False,)
         for pp in _divisors(gpus // tp):
             dp = gpus // (tp * pp)
-            if pp > m.n_layers or batch % dp:
+            if layout_problem(m, tp, pp) or batch % dp:
                 continue
             # ZeRO-1 here shards AdamW's elementwise state only (engine/parallel/data.py refuses Adafactor).
             zero_choices = (0, 1) if dp > 1 and cfg.optim.name == "adamw" else (0,)
             schedules = [("none", 1)] if pp == 1 else [("gpipe", 1), ("1f1b", 1)]
-            if pp > 1 and m.n_layers >= 2 * pp:
+            if pp > 1 and not layout_problem(m, tp, pp, 2):
                 schedules.append(("interleaved", 2))
             for schedule, v in schedules:
                 for mb in _divisors(batch // dp):

@@ -78,18 +78,17 @@ def group_ranks(dp: int, pp: int, tp: int, varying: str) -> list[list[int]]:
     return list(groups.values())
 
 
-def _device(cfg: Config, local_rank: int) -> torch.device:
-    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-
-
 def init_mesh(cfg: Config) -> Mesh:
     """Read RANK / WORLD_SIZE / LOCAL_RANK (set by torchrun), initialise torch.distributed when there is more
-    than one process (NCCL on CUDA, gloo on CPU) and build this rank's groups."""
+    than one process (NCCL on CUDA, gloo on CPU) and build this rank's groups. train.device must be resolved
+    (engine.config.resolve_auto): cuda means device LOCAL_RANK."""
+    if cfg.train.device not in ("cpu", "cuda"):
+        raise ValueError(f"init_mesh: train.device={cfg.train.device!r}; resolve the config first "
+                         "(engine.config.resolve_auto)")
     env = os.environ
     world_size, rank, local_rank = int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
     dp, pp, tp = resolve_degrees(world_size, cfg.parallel)
-    device = _device(cfg, local_rank)
+    device = torch.device("cuda", local_rank) if cfg.train.device == "cuda" else torch.device("cpu")
     if world_size == 1:
         return Mesh(device=device)
     if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:

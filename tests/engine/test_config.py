@@ -1,7 +1,7 @@
 """Config loading: TOML + flags, and one clear error for every kind of mistake."""
 import pytest
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, layout_problem, load_config, resolve_auto, unresolved
 
 
 def write(tmp_path, text):
@@ -53,3 +53,32 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
 
     assert main(["info", "configs/tiny.toml", "--model.n_kv_heads=3"]) == 2
     assert "n_kv_heads: 3 does not divide" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpu, want", [(False, ("cpu", "fp32", "torch", "torch")),
+                                       (True, ("cuda", "bf16", "triton", "fused"))])
+def test_auto_is_resolved_once_for_the_device(gpu, want):
+    cfg = load_config("configs/tiny.toml")
+    assert unresolved(cfg) == ["train.device", "train.precision", "model.attention", "model.loss"]
+    resolved = resolve_auto(cfg, cuda_available=gpu)
+    t, m = resolved.train, resolved.model
+    assert (t.device, t.precision, m.attention, m.loss) == want and unresolved(resolved) == []
+    assert cfg.train.device == "auto"  # the config as written is left alone (checkpoints store it)
+    chosen = resolve_auto(load_config("configs/tiny.toml", ["--model.attention=triton", "--train.precision=fp32"]),
+                          cuda_available=False)
+    assert (chosen.model.attention, chosen.train.precision) == ("triton", "fp32")  # explicit choices stay
+
+
+def test_cuda_without_a_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="train.device: cuda, but torch sees no CUDA device"):
+        resolve_auto(load_config("configs/tiny.toml", ["--train.device=cuda"]), cuda_available=False)
+
+
+def test_layout_rules_live_in_one_function():
+    m = load_config("configs/tiny.toml").model  # 4 heads, 2 kv heads, d_ff 704, vocab 4096, 4 layers
+    assert layout_problem(m, 2, 4) is None
+    assert layout_problem(m, 4) == ("parallel.tp", "4 does not divide model.n_kv_heads=2; choose tp among [1, 2]")
+    assert layout_problem(m, 1, 3, 2)[0] == "parallel.pp"
+    with pytest.raises(ConfigError, match=r"parallel\.pp: pp x virtual_stages = 6 exceeds model\.n_layers=4"):
+        load_config("configs/tiny.toml", ["--parallel.pp=3", "--parallel.virtual_stages=2",
+                                          "--parallel.schedule=interleaved", "--parallel.microbatches=3"])
