@@ -1,4 +1,8 @@
-"""Tensor-parallel collectives as small autograd functions, and a tally of the bytes they move.
+"""Every collective the engine runs, and the one tally of the bytes they move.
+
+Tensor parallelism's collectives are small autograd functions; data parallelism's bucket reductions
+(`all_reduce_async`, `reduce_scatter_async`), ZeRO-1's all-gather, the pipeline's batched send/receive
+(`batch_isend_irecv`) and the state broadcasts are plain calls. All of them record what they move here.
 
 Megatron-LM (Shoeybi et al. 2019) names the two operators that bracket a tensor-parallel region f and g;
 sequence parallelism (Korthikanti et al. 2022) replaces them by an all-gather and a reduce-scatter along
@@ -7,6 +11,7 @@ here means "a single process", never torch's default world group), so single-pro
 
     with count_bytes() as tally:      # what the collectives moved, per kind (benchmarks/comm_volume.py)
         loss.backward()
+    tally.total_sent()                # bytes this rank sent, every kind together
 """
 from __future__ import annotations
 
@@ -28,13 +33,18 @@ class CommTally:
     payload_bytes: Counter = field(default_factory=Counter)
     sent_bytes: Counter = field(default_factory=Counter)
 
+    def total_sent(self) -> int:
+        return sum(self.sent_bytes.values())
+
 
 # The tallies open in this process. A module-level stack because the collectives run deep inside autograd,
 # where no argument can reach them; it is only read by count_bytes() users.
 _open_tallies: list[CommTally] = []
 
+# Bytes each rank sends per payload byte. A point-to-point "send" sends its tensor once; a broadcast counts as
+# a pipelined chain, where every rank but the last forwards the payload: (t-1)/t of it per rank on average.
 _RING_SHARE = {"all_reduce": lambda t: 2 * (t - 1) / t, "all_gather": lambda t: (t - 1) / t,
-               "reduce_scatter": lambda t: (t - 1) / t}
+               "reduce_scatter": lambda t: (t - 1) / t, "broadcast": lambda t: (t - 1) / t, "send": lambda t: 1}
 
 
 @contextlib.contextmanager
@@ -100,6 +110,43 @@ def reduce_scatter(x: torch.Tensor, group, dim: int) -> torch.Tensor:
     _record("reduce_scatter", x, world)
     dist.reduce_scatter(out, parts, group=group)
     return out
+
+
+def all_reduce_async(x: torch.Tensor, group):
+    """Start summing `x` in place over the group; returns the work to wait for (None on one rank)."""
+    world = group_size(group)
+    if world == 1:
+        return None
+    _record("all_reduce", x, world)
+    return dist.all_reduce(x, group=group, async_op=True)
+
+
+def reduce_scatter_async(out: torch.Tensor, x: torch.Tensor, group):
+    """Start writing this rank's equal flat chunk of the sum of every rank's `x` into `out`; returns the work."""
+    world = group_size(group)
+    if world == 1:
+        out.copy_(x)
+        return None
+    _record("reduce_scatter", x, world)
+    return dist.reduce_scatter(out, list(x.chunk(world)), group=group, async_op=True)
+
+
+def broadcast(x: torch.Tensor, group, src: int) -> torch.Tensor:
+    """`x` of group rank `src` into `x` on every rank of the group (in place)."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    _record("broadcast", x, world)
+    dist.broadcast(x, group=group, group_src=src)
+    return x
+
+
+def batch_isend_irecv(ops: list[dist.P2POp]) -> list:
+    """Post a batch of point-to-point sends and receives (dist.batch_isend_irecv), counting the bytes sent."""
+    for op in ops:
+        if op.op is dist.isend:
+            _record("send", op.tensor, 2)
+    return dist.batch_isend_irecv(ops)
 
 
 def local_chunk(x: torch.Tensor, group, dim: int) -> torch.Tensor:

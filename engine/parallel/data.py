@@ -1,32 +1,33 @@
-"""Data parallelism: gradients summed over the dp replicas in buckets launched from backward hooks, and ZeRO-1.
+"""Data parallelism: gradients summed over the dp replicas in buckets launched from backward hooks.
 
     sync = GradientSync(model, mesh.dp_group, bucket_mb=25, zero=False, late=[...])
     sync.arm()                 # before the last microbatch's backward: earlier microbatches only accumulate
     loss.backward()            # each bucket's all-reduce starts as soon as its last gradient is accumulated
     sync.wait()                # then model-parallel fix-ups of the `late` parameters, then
     sync.reduce_late()
-    optimizer = ZeroAdamW(sync, cfg.optim)   # zero=True: AdamW on this rank's 1/dp of every bucket
 
 Buckets hold parameters in reverse registration order (roughly the order backward finishes them) up to
 bucket_mb MiB each, never mixing optimizer parameter groups, so that a ZeRO shard of a bucket has one weight
 decay. Gradients are summed, not averaged: the training loop divides every microbatch's summed loss by the
 global batch's target-token count, so each replica's gradient is already its share of the global one.
 `late` parameters (tied embeddings across pipeline stages, sequence-parallel norm gains) get a model-parallel
-sum first, so they are reduced after `wait`. With ZeRO-1 (Rajbhandari et al. 2020) a bucket is
-reduce-scattered instead of all-reduced, each rank steps the optimizer state of its slice only, and the
-updated slices are all-gathered back into the parameters.
+sum first, so they are reduced after `wait`. With zero=True (ZeRO-1, engine/parallel/zero.py) a bucket is
+reduce-scattered instead of all-reduced and each rank keeps its slice in `bucket.shard`. The bytes moved are
+counted by engine/parallel/comm.py's tally like every other collective's; `launch_times` records when each
+bucket's reduction started (the overlap with backward).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from engine.config import OptimConfig
 from engine.optim import param_groups
+from engine.parallel import comm
+from engine.parallel.zero import slice_range
 
 
 @dataclass(eq=False)
@@ -45,24 +46,17 @@ class Bucket:
     work: object = None
 
 
-@dataclass
-class SyncCounters:
-    """What the reductions did: bytes this rank sent (ring algorithm: an all-reduce sends 2(dp-1)/dp of the
-    buffer, a reduce-scatter or an all-gather (dp-1)/dp) and when each bucket was launched."""
-
-    sent_bytes: int = 0
-    launches: list[tuple[int, float]] = field(default_factory=list)
-    """(bucket index, time.perf_counter()) in launch order."""
-
-
 class GradientSync:
+    """The gradient buckets of this rank's parameters and their reduction over the data-parallel group."""
+
     def __init__(self, model: nn.Module, group, *, bucket_mb: float, zero: bool, late: list[nn.Parameter],
                  weight_decay: float = 0.0):
         self.group = group
         self.dp = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
         self.zero = zero
-        self.counters = SyncCounters()
+        self.launch_times: list[tuple[int, float]] = []
+        """(bucket index, time.perf_counter()) of every bucket reduction, in launch order."""
         self.buckets: list[Bucket] = []
         self.bucket_of: dict[int, Bucket] = {}
         self.armed: set[int] = set()
@@ -101,10 +95,7 @@ class GradientSync:
     # ---- backward side ---------------------------------------------------------------------------------
     def arm(self, params=None) -> None:
         """The next gradient accumulated into these parameters (all when None) is their last of the step."""
-        self.armed |= {id(p) for p in (params if params is not None else self.bucket_of_params())}
-
-    def bucket_of_params(self) -> list[nn.Parameter]:
-        return [p for b in self.buckets for p in b.params]
+        self.armed |= set(self.bucket_of) if params is None else {id(p) for p in params}
 
     def _on_gradient(self, p: nn.Parameter) -> None:
         if id(p) not in self.armed:
@@ -122,19 +113,15 @@ class GradientSync:
             if p.grad is not None:
                 flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
         bucket.flat, bucket.ready = flat, 0
-        self.counters.launches.append((bucket.index, time.perf_counter()))
-        nbytes = flat.numel() * flat.element_size()
+        self.launch_times.append((bucket.index, time.perf_counter()))
         if self.dp == 1:
             bucket.shard, bucket.work = (flat if self.zero else None), None
             return
         if self.zero:
             bucket.shard = torch.empty(bucket.numel // self.dp, dtype=flat.dtype, device=flat.device)
-            bucket.work = dist.reduce_scatter(bucket.shard, list(flat.chunk(self.dp)), group=self.group,
-                                              async_op=True)
-            self.counters.sent_bytes += nbytes * (self.dp - 1) // self.dp
+            bucket.work = comm.reduce_scatter_async(bucket.shard, flat, self.group)
         else:
-            bucket.work = dist.all_reduce(flat, group=self.group, async_op=True)
-            self.counters.sent_bytes += 2 * nbytes * (self.dp - 1) // self.dp
+            bucket.work = comm.all_reduce_async(flat, self.group)
 
     def _finish(self, bucket: Bucket) -> None:
         if bucket.flat is None:  # never armed or never reached by backward: reduce what there is now
@@ -163,93 +150,6 @@ class GradientSync:
             if bucket.late:
                 self._finish(bucket)
 
-    # ---- ZeRO-1 views ----------------------------------------------------------------------------------
     def shard_range(self, bucket: Bucket) -> tuple[int, int]:
-        size = bucket.numel // self.dp
-        return self.rank * size, (self.rank + 1) * size
-
-    def shard_square_sum(self, counted: set[int]) -> torch.Tensor:
-        """Sum of squares of this rank's reduced gradient slices, over the elements of `counted` parameters."""
-        total = torch.zeros((), dtype=torch.float32, device=self.buckets[0].params[0].device)
-        for bucket in self.buckets:
-            lo, hi = self.shard_range(bucket)
-            for p, offset in zip(bucket.params, bucket.offsets):
-                start, end = max(lo, offset), min(hi, offset + p.numel())
-                if id(p) in counted and start < end:
-                    total += bucket.shard[start - lo:end - lo].float().pow(2).sum()
-        return total
-
-    def shard_grads(self) -> list[torch.Tensor]:
-        return [b.shard for b in self.buckets if b.shard is not None]
-
-    def gather_gradients(self) -> None:
-        """Put the full reduced gradients back into p.grad (collective; for inspection, ZeRO-1 steps without)."""
-        for bucket in self.buckets:
-            full = _all_gather_flat(bucket.shard, self.group, self.dp)
-            for p, offset in zip(bucket.params, bucket.offsets):
-                p.grad = full[offset:offset + p.numel()].view_as(p).clone()
-
-
-def _all_gather_flat(shard: torch.Tensor, group, dp: int) -> torch.Tensor:
-    if dp == 1:
-        return shard
-    parts = [torch.empty_like(shard) for _ in range(dp)]
-    dist.all_gather(parts, shard.contiguous(), group=group)
-    return torch.cat(parts)
-
-
-class ZeroAdamW:
-    """AdamW whose state covers only this data-parallel rank's slice of every gradient bucket (ZeRO stage 1).
-
-    The slices are flat fp32 copies of the parameters; AdamW is elementwise, so stepping a flat slice is the
-    same arithmetic as stepping the parameters it covers. After the step every rank all-gathers the updated
-    slices into its parameters. Quacks like a torch optimizer for the loop: param_groups, step, zero_grad.
-    """
-
-    def __init__(self, sync: GradientSync, o: OptimConfig):
-        if o.name != "adamw":
-            raise ValueError(f"parallel.zero=1 shards AdamW's elementwise state; optim.name={o.name!r} factors "
-                             "whole matrices and cannot be split flat; use optim.name=adamw or parallel.zero=0")
-        self.sync = sync
-        self.shards: list[nn.Parameter] = []
-        groups = [{"params": [], "weight_decay": o.weight_decay}, {"params": [], "weight_decay": 0.0}]
-        for bucket in sync.buckets:
-            flat = torch.zeros(bucket.numel, dtype=bucket.params[0].dtype, device=bucket.params[0].device)
-            for p, offset in zip(bucket.params, bucket.offsets):
-                flat[offset:offset + p.numel()].copy_(p.detach().reshape(-1))
-            lo, hi = sync.shard_range(bucket)
-            shard = nn.Parameter(flat[lo:hi].clone())
-            self.shards.append(shard)
-            groups[bucket.group_index]["params"].append(shard)
-        self.inner = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(o.beta1, o.beta2),
-                                       eps=o.eps, foreach=False)
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.inner.param_groups
-
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state (moments and step counters) this rank holds."""
-        return sum(t.numel() * t.element_size() for s in self.inner.state.values() for t in s.values()
-                   if torch.is_tensor(t))
-
-    @torch.no_grad()
-    def step(self) -> None:
-        for shard, bucket in zip(self.shards, self.sync.buckets):
-            shard.grad = bucket.shard
-        self.inner.step()
-        for shard, bucket in zip(self.shards, self.sync.buckets):
-            full = _all_gather_flat(shard.detach(), self.sync.group, self.sync.dp)
-            if self.sync.dp > 1:
-                nbytes = full.numel() * full.element_size()
-                self.sync.counters.sent_bytes += nbytes * (self.sync.dp - 1) // self.sync.dp
-            for p, offset in zip(bucket.params, bucket.offsets):
-                p.copy_(full[offset:offset + p.numel()].view_as(p))
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for shard in self.shards:
-            shard.grad = None
-        for bucket in self.sync.buckets:
-            bucket.shard = None
-            for p in bucket.params:
-                p.grad = None
+        """This rank's ZeRO-1 slice [lo, hi) of a bucket's flat gradient."""
+        return slice_range(bucket, self.rank, self.dp)
