@@ -1,24 +1,28 @@
 """Pipeline parallelism: split the plain model into stages, and run any schedule's actions on them.
 
-    model = apply_pipeline(model, cfg, mesh)           # keep this rank's layers (and chunks, when interleaved)
-    loss = run_schedule(model, microbatches, mesh, loss_scale=1 / total_targets, autocast=ctx)
+    stages = split_stages(model, cfg, mesh)          # keep this rank's layers (chunks, when interleaved)
+    loss = run_schedule(stages, microbatches, loss_scale=1 / total_targets, autocast=ctx)   # training
+    out = run_forward(stages, batch, finish, autocast=ctx)    # one forward through every stage (evaluation)
 
 Stages are made by deleting modules (the model's forward skips a missing embedding, norm or head), so layer
 names stay those of the single-device model. With v virtual stages a rank holds v non-contiguous chunks
 (global stages rank, rank + pp, ...); each chunk is a view of the rank's model that shares its modules.
-Layers are split by compute (`split_layers`): a block costs 1, the output projection (with the loss) costs
-vocab x d_model over a block's matmul weights per token, the embedding lookup nothing.
+`split_stages` returns what the runner needs (`PipelineStages`); the layout (engine/parallel/layout.py) keeps
+it, nothing is hung on the model. Layers are split by compute (`split_layers`): a block costs 1, the output
+projection (with the loss) costs vocab x d_model over a block's matmul weights per token, the embedding
+lookup nothing.
 
 Activations (B_mb, S, d) (S / tp under sequence parallelism) and their gradients move between neighbouring
 stages by batched send/receive whose shapes are known ahead, so no shape is ever exchanged. The schedules
 themselves are data (engine/parallel/schedules.py). Tied input/output embeddings live on the first and the
-last stage; `sync_tied_embedding` sums their gradients over the two after backward.
+last stage; `PipelineStages.sync_tied_embedding` sums their gradients over the two after backward.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -84,10 +88,15 @@ def stage_layers(n_layers: int, pp: int, rank: int, virtual: int = 1, last_extra
     return [ranges[stage_of(rank, chunk, pp)] for chunk in range(virtual)]
 
 
-# ---- the stage model -----------------------------------------------------------------------------------
+# ---- the stages of this rank ---------------------------------------------------------------------------
+Finish = Callable[[Transformer, Batch, torch.Tensor | None], torch.Tensor]
+"""What the last stage's chunk computes for one microbatch, from the hidden states it received: a scaled
+loss in training, the loss or the selected hidden states or logits in a forward-only pass."""
+
+
 @dataclass
-class StageInfo:
-    """What the runner needs to know about this rank's part of the pipeline."""
+class PipelineStages:
+    """This rank's part of the pipeline: its model chunks, where every layer went, and its neighbours."""
 
     chunks: list[Transformer]
     """One view per local chunk, in chunk order; each shares the stage model's modules."""
@@ -96,40 +105,46 @@ class StageInfo:
     stage_ranges: list[range]
     """Every global stage's layers (stage c * pp + r is chunk c of rank r)."""
     pp: int
+    pp_rank: int
     virtual: int
     schedule: str
     microbatches: int
+    group: dist.ProcessGroup | None
+    """The pipeline ranks of this model copy (the mesh's pp group)."""
+    device: torch.device
+    d_model: int
     sequence_parallel_tp: int = 1
     """The tp degree the sequence is split over between blocks (1 without sequence parallelism)."""
     tied_weight: nn.Parameter | None = None
     """The embedding weight shared with the head, held by the first and the last stage."""
     embedding_group: dist.ProcessGroup | None = None
     """First and last pipeline rank of this tp rank and dp replica (tied embeddings only)."""
-    counters: dict = field(default_factory=dict)
-    """Running totals for benchmarks: busy_s (seconds in forward/backward compute), p2p_bytes (sent)."""
+    busy_s: float = 0.0
+    """Seconds spent in forward and backward compute so far (benchmarks/pipeline_bubble.py)."""
 
-    def is_last_stage(self, chunk: int, pp_rank: int) -> bool:
-        return stage_of(pp_rank, chunk, self.pp) == self.pp * self.virtual - 1
+    def is_last_stage(self, chunk: int) -> bool:
+        return stage_of(self.pp_rank, chunk, self.pp) == self.pp * self.virtual - 1
 
+    def is_tied_copy(self, param: nn.Parameter) -> bool:
+        """Whether `param` is the last stage's copy of the tied embedding (left out of the gradient norm and of
+        the checkpoint, so that the weight counts once)."""
+        return self.tied_weight is param and self.pp_rank == self.pp - 1
 
-class PipelineStage(Transformer):
-    """A Transformer holding one pipeline rank's layers. Called like the plain model with a labelled batch,
-    it runs a forward-only pass through every stage and returns the loss on every pipeline rank (evaluation);
-    training goes through `run_schedule`."""
+    def sync_tied_embedding(self) -> None:
+        """Sum the tied embedding's gradient over the first and the last stage, which each hold half of it."""
+        if self.tied_weight is not None and self.tied_weight.grad is not None:
+            comm.all_reduce(self.tied_weight.grad, self.embedding_group)
 
-    pipeline: StageInfo
-    mesh: Mesh
-
-    def forward(self, batch: Batch, hidden=None, *, cache=None, loss_reduction: str = "mean",
-                return_hidden: bool = False) -> torch.Tensor:
-        if batch.labels is None or hidden is not None or cache is not None or return_hidden:
-            raise ValueError("a pipeline-parallel model computes the loss of a labelled batch only; score and "
-                             "generate with a layout without pipeline parallelism (parallel.pp=1)")
-        info = self.pipeline
-        program = forward_only_actions(info.pp, info.virtual)[self.mesh.pp_rank]
-        loss = _run_program(self, program, [batch], self.mesh, 1.0, contextlib.nullcontext,
-                            loss_reduction, microbatch_count=1)
-        return comm.all_reduce(loss, self.mesh.pp_group)  # only the last stage's is non-zero
+    def owner(self, name: str) -> int:
+        """The pipeline rank holding single-device state-dict entry `name` (the embedding on the first, the
+        final norm and head on the last, a block where its layer went)."""
+        if name.startswith("tok_embeddings."):
+            return 0
+        if name.startswith(("norm.", "output.")):
+            return self.pp - 1
+        layer = int(name.split(".")[1])
+        stage = next(s for s, r in enumerate(self.stage_ranges) if layer in r)
+        return stage % self.pp
 
 
 def _chunk_view(model: Transformer, layer_names: list[str], embed: bool, head: bool) -> Transformer:
@@ -154,9 +169,9 @@ def _embedding_group(mesh: Mesh) -> dist.ProcessGroup | None:
 
 
 @torch.no_grad()
-def apply_pipeline(model: Transformer, cfg: Config, mesh: Mesh) -> PipelineStage:
-    """Delete the layers (and embedding / head) that other pipeline ranks hold; a collective call when the
-    embeddings are tied (it creates the first-last stage groups)."""
+def split_stages(model: Transformer, cfg: Config, mesh: Mesh) -> PipelineStages:
+    """Delete the layers (and embedding / head) that other pipeline ranks hold, in place; a collective call
+    when the embeddings are tied (it creates the first-last stage groups)."""
     p = cfg.parallel
     check_schedule(p.schedule, mesh.pp, p.microbatches, p.virtual_stages)
     stage_ranges = split_layers(len(model.layers), mesh.pp * p.virtual_stages, head_cost(model.cfg))
@@ -172,57 +187,43 @@ def apply_pipeline(model: Transformer, cfg: Config, mesh: Mesh) -> PipelineStage
         model.norm, model.output = None, None
     chunks = [_chunk_view(model, [str(i) for i in r], embed=first and c == 0,
                           head=last and c == p.virtual_stages - 1) for c, r in enumerate(ranges)]
-    model.__class__ = PipelineStage  # the same object, now with the pipeline's forward (as FSDP2 does)
-    model.mesh = mesh
-    model.pipeline = StageInfo(
-        chunks=chunks, layer_ranges=ranges, stage_ranges=stage_ranges, pp=mesh.pp, virtual=p.virtual_stages,
-        schedule=p.schedule, microbatches=p.microbatches, sequence_parallel_tp=mesh.tp if p.sp else 1,
+    return PipelineStages(
+        chunks=chunks, layer_ranges=ranges, stage_ranges=stage_ranges, pp=mesh.pp, pp_rank=mesh.pp_rank,
+        virtual=p.virtual_stages, schedule=p.schedule, microbatches=p.microbatches, group=mesh.pp_group,
+        device=mesh.device, d_model=model.cfg.d_model, sequence_parallel_tp=mesh.tp if p.sp else 1,
         tied_weight=model.tok_embeddings.weight if tied and (first or last) else None,
         embedding_group=_embedding_group(mesh) if tied else None)
-    return model
-
-
-def sync_tied_embedding(model: nn.Module) -> None:
-    """Sum the tied embedding's gradient over the first and the last stage, which each hold half of it."""
-    info = getattr(model, "pipeline", None)
-    if info is None or info.tied_weight is None or info.tied_weight.grad is None:
-        return
-    comm.all_reduce(info.tied_weight.grad, info.embedding_group)
-
-
-def is_tied_copy(model: nn.Module, param: nn.Parameter, pp_rank: int) -> bool:
-    """Whether `param` is the last stage's copy of the tied embedding (left out of the gradient norm so that
-    the weight counts once)."""
-    info = getattr(model, "pipeline", None)
-    return info is not None and info.tied_weight is param and pp_rank == info.pp - 1
-
-
-def stage_owner(name: str, info: StageInfo) -> int:
-    """The pipeline rank holding single-device state-dict entry `name` (the embedding on the first, the final
-    norm and head on the last, a block where its layer went)."""
-    if name.startswith("tok_embeddings."):
-        return 0
-    if name.startswith(("norm.", "output.")):
-        return info.pp - 1
-    layer = int(name.split(".")[1])
-    stage = next(s for s, r in enumerate(info.stage_ranges) if layer in r)
-    return stage % info.pp
 
 
 # ---- the runner ----------------------------------------------------------------------------------------
-def run_schedule(model: PipelineStage, microbatches: list[Batch], mesh: Mesh, *, loss_scale: float,
+def run_schedule(stages: PipelineStages, microbatches: list[Batch], *, loss_scale: float,
                  autocast=contextlib.nullcontext, before_last_backward=None) -> torch.Tensor:
     """Run this rank's actions of the configured schedule over `microbatches` (equal row counts) and
     accumulate gradients. Each microbatch's loss is summed and multiplied by loss_scale. Returns the summed
     scaled loss on the last stage and zero elsewhere. `before_last_backward(chunk)` is called before each
     chunk's final backward (data parallelism arms its gradient all-reduce there)."""
-    info = model.pipeline
-    if len(microbatches) != info.microbatches:
+    if len(microbatches) != stages.microbatches:
         raise ValueError(f"pipeline: got {len(microbatches)} microbatches for parallel.microbatches="
-                         f"{info.microbatches}")
-    program = schedule_actions(info.schedule, info.pp, info.microbatches, info.virtual)[mesh.pp_rank]
-    return _run_program(model, program, microbatches, mesh, loss_scale, autocast, "sum", info.microbatches,
-                        before_last_backward)
+                         f"{stages.microbatches}")
+    program = schedule_actions(stages.schedule, stages.pp, stages.microbatches, stages.virtual)[stages.pp_rank]
+
+    def scaled_loss(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None) -> torch.Tensor:
+        return chunk(batch, hidden=hidden, loss_reduction="sum") * loss_scale
+
+    loss = torch.zeros((), device=stages.device, dtype=torch.float32)
+    for out in _run_program(stages, program, microbatches, scaled_loss, autocast, before_last_backward):
+        loss += out.float()
+    return loss
+
+
+def run_forward(stages: PipelineStages, batch: Batch, finish: Finish, autocast=contextlib.nullcontext
+                ) -> torch.Tensor | None:
+    """One forward of `batch` through every stage (no gradients kept); `finish`'s result on the last pipeline
+    rank, None on the others."""
+    program = forward_only_actions(stages.pp, stages.virtual)[stages.pp_rank]
+    with torch.no_grad():
+        results = _run_program(stages, program, [batch], finish, autocast)
+    return results[0] if results else None
 
 
 def split_microbatches(batch: Batch, count: int) -> list[Batch]:
@@ -235,30 +236,30 @@ def split_microbatches(batch: Batch, count: int) -> list[Batch]:
     return [batch.slice_rows(i * size, (i + 1) * size) for i in range(count)]
 
 
-def _run_program(model: PipelineStage, program: list[Action], microbatches: list[Batch], mesh: Mesh,
-                 loss_scale: float, autocast, loss_reduction: str, microbatch_count: int,
-                 before_last_backward=None) -> torch.Tensor:
-    info = model.pipeline
+def _run_program(stages: PipelineStages, program: list[Action], microbatches: list[Batch], finish: Finish,
+                 autocast, before_last_backward=None) -> list[torch.Tensor]:
+    """Play one rank's program; the last stage's `finish` results (detached), in forward order."""
     rows, seq = microbatches[0].tokens.shape
-    shape = (rows, seq // info.sequence_parallel_tp, model.cfg.d_model)
-    dtype = next(model.parameters()).dtype
+    shape = (rows, seq // stages.sequence_parallel_tp, stages.d_model)
+    dtype = next(stages.chunks[0].parameters()).dtype
     inputs: dict[tuple[int, int], torch.Tensor] = {}  # received activations, kept for their gradient
     outputs: dict[tuple[int, int], torch.Tensor] = {}  # stage outputs (or scaled losses), kept for backward
     grads: dict[tuple[int, int], torch.Tensor] = {}  # received output gradients
     pending_sends: list = []  # (work, tensor): sends are waited for once, at the end
     last_backward = {a.chunk: a for a in program if a.kind == "backward"}
-    loss = torch.zeros((), device=mesh.device, dtype=torch.float32)
+    results: list[torch.Tensor] = []
     for run in comm_batches(program):
         a = run[0]
         key = (a.microbatch, a.chunk)
         started = time.perf_counter()
         if a.kind == "forward":
+            chunk, batch = stages.chunks[a.chunk], microbatches[a.microbatch].to(stages.device)
             with autocast():
-                out = info.chunks[a.chunk](microbatches[a.microbatch].to(mesh.device), hidden=inputs.get(key),
-                                           loss_reduction=loss_reduction)
-            if info.is_last_stage(a.chunk, mesh.pp_rank):
-                out = out * loss_scale
-                loss += out.detach().float()
+                if stages.is_last_stage(a.chunk):
+                    out = finish(chunk, batch, inputs.get(key))
+                    results.append(out.detach())
+                else:
+                    out = chunk(batch, hidden=inputs.get(key))
             if torch.is_grad_enabled():
                 outputs[key] = out
             else:
@@ -270,34 +271,32 @@ def _run_program(model: PipelineStage, program: list[Action], microbatches: list
             out = outputs.pop(key)
             torch.autograd.backward(out, grads.pop(key, None))
         if a.kind in ("forward", "backward"):
-            info.counters["busy_s"] = info.counters.get("busy_s", 0.0) + time.perf_counter() - started
+            stages.busy_s += time.perf_counter() - started
         else:
-            _exchange(run, info, mesh, shape, dtype, inputs, outputs, grads, pending_sends, microbatch_count)
+            _exchange(run, stages, shape, dtype, inputs, outputs, grads, pending_sends, len(microbatches))
     for work, _ in pending_sends:
         work.wait()
-    return loss
+    return results
 
 
-def _exchange(run: list[Action], info: StageInfo, mesh: Mesh, shape, dtype, inputs, outputs, grads,
+def _exchange(run: list[Action], stages: PipelineStages, shape, dtype, inputs, outputs, grads,
               pending_sends, microbatch_count: int) -> None:
     """One batched send/receive for a run of communication actions; waits for its receives only."""
     ops, received = [], []
     for a in run:
         key = (a.microbatch, a.chunk)
-        _, _, tag = message_key(a, mesh.pp_rank, info.pp, microbatch_count)
-        peer = peer_of(a, mesh.pp_rank, info.pp)
+        _, _, tag = message_key(a, stages.pp_rank, stages.pp, microbatch_count)
+        peer = peer_of(a, stages.pp_rank, stages.pp)
         if a.kind == "send_fwd":
             tensor = outputs[key].detach().contiguous()
         elif a.kind == "send_bwd":
             tensor = inputs.pop(key).grad.contiguous()
         else:
-            tensor = torch.empty(shape, dtype=dtype, device=mesh.device)
+            tensor = torch.empty(shape, dtype=dtype, device=stages.device)
             received.append((a, tensor))
         op = dist.isend if a.kind.startswith("send") else dist.irecv
-        ops.append(dist.P2POp(op, tensor, group=mesh.pp_group, group_peer=peer, tag=tag))
-    info.counters["p2p_bytes"] = info.counters.get("p2p_bytes", 0) + sum(o.tensor.numel() * o.tensor.element_size()
-                                                                        for o in ops if o.op is dist.isend)
-    works = dist.batch_isend_irecv(ops)
+        ops.append(dist.P2POp(op, tensor, group=stages.group, group_peer=peer, tag=tag))
+    works = comm.batch_isend_irecv(ops)
     if len(works) == len(ops):  # one work per op (gloo): keep the sends going, wait for the receives
         for op, work in zip(ops, works):
             if op.op is dist.isend:

@@ -94,11 +94,6 @@ def compute_groups(schedule: str, pp: int, rank: int, microbatches: int, virtual
     return _one_forward_one_backward(forwards, backwards, warmup)
 
 
-def compute_order(schedule: str, pp: int, rank: int, microbatches: int, virtual: int = 1) -> list[Action]:
-    """This rank's forwards and backwards, in the order it runs them."""
-    return [a for group in compute_groups(schedule, pp, rank, microbatches, virtual) for a in group]
-
-
 def _one_forward_one_backward(forwards: list[Action], backwards: list[Action], warmup: int) -> list[list[Action]]:
     """`warmup` forwards, then forward/backward pairs, then the remaining backwards."""
     steady = len(forwards) - warmup

@@ -1,42 +1,34 @@
 """What each rank holds of every global tensor: the sharding description checkpoints save and load by.
 
-    specs = parameter_specs(model, mesh)          # {local name: ShardSpec(global name, global shape, box, owner)}
-    pieces = optimizer_pieces(optimizer, model, mesh)   # this rank's optimizer-state regions, by global name
+    specs = layout.shard_specs()                        # {local name: ShardSpec(global name, shape, box, owner)}
+    pieces, scalars, bound = optimizer_pieces(layout, optimizer)   # this rank's optimizer-state regions
 
-A region of a global tensor is a `box`: one (start, stop) pair per dimension. Nothing here re-derives the
-layout; it reads what the layouts record:
-    tensor parallelism   `tensor.shard_dims(model)` (the dimension each module splits) and mesh.tp_rank: the
-                         slices are equal and contiguous, in tp-rank order;
+A region of a global tensor is a `box` (engine/parallel/boxes.py). Nothing here re-derives the layout; it
+reads what the layout recorded when it was applied:
+    tensor parallelism   the dimension each sharded tensor is split along (`TensorParallelShards.dims`) and
+                         the mesh's tp rank: the slices are equal and contiguous, in tp-rank order;
     pipeline             stages delete modules and keep the single-device names, so a local name is global;
-                         the last stage's copy of a tied embedding is `pipeline.is_tied_copy`;
+                         the last stage's copy of a tied embedding (`PipelineStages.is_tied_copy`) is not
+                         written;
     data parallelism     replicas hold the same tensors; ZeRO-1's `ZeroAdamW` steps a flat slice of each
-                         gradient bucket (`sync.buckets`, `sync.shard_range`), mapped back here to the
-                         parameters and boxes it covers.
-For the offline converter the same boxes come from the pure functions of the layout (`tensor.plan_kind`,
+                         gradient bucket, mapped back to parameters and boxes by engine/parallel/zero.py.
+For the offline converter the same boxes come from the pure rules of the layout (`tensor.planned_shard_dim`,
 `pipeline.stage_layers`) in `layout_boxes`.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from engine.parallel.boxes import Box, box_shape, offset_box, split_box
 from engine.parallel.mesh import Mesh
-from engine.parallel.tensor import (ColumnInputNorm, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                    VocabParallelOutputHead, plan_kind, shard_dims)
+from engine.parallel.tensor import planned_shard_dim
+from engine.parallel.zero import ZeroAdamW, slice_parts
 
-Box = tuple[tuple[int, int], ...]
-
-# TP_PLAN kind -> the dimension its tensor-parallel module splits (each module class records it).
-_KIND_CLASSES = {"column": ColumnParallelLinear, "row": RowParallelLinear, "column_input": ColumnInputNorm,
-                 "vocab_embedding": VocabParallelEmbedding, "vocab_output": VocabParallelOutputHead}
-
-
-def planned_shard_dim(param_name: str) -> int | None:
-    """The dimension tensor parallelism splits a single-device parameter along (None: replicated)."""
-    kind = plan_kind(param_name.rsplit(".", 1)[0])
-    return None if kind is None else _KIND_CLASSES[kind].shard_dim
+if TYPE_CHECKING:
+    from engine.parallel.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -56,68 +48,15 @@ class ShardSpec:
         return self.owner and self.dp_rank == 0
 
 
-def split_box(global_shape: tuple[int, ...], dim: int | None, rank: int, world: int) -> Box:
-    """Rank `rank`'s region of an equal contiguous split along `dim` (the whole tensor when dim is None)."""
-    box = [(0, n) for n in global_shape]
-    if dim is not None and world > 1:
-        size = global_shape[dim] // world
-        box[dim] = (rank * size, (rank + 1) * size)
-    return tuple(box)
-
-
-def box_shape(box: Box) -> tuple[int, ...]:
-    return tuple(b - a for a, b in box)
-
-
-def intersect(a: Box, b: Box) -> Box | None:
-    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
-    return out if all(lo < hi for lo, hi in out) else None
-
-
-def flat_range_boxes(shape: tuple[int, ...], start: int, stop: int) -> list[Box]:
-    """The row-major elements [start, stop) of a tensor of `shape`, as at most 2 ndim - 1 boxes."""
-    if start >= stop:
-        return []
-    if not shape:
-        return [()]
-    inner = math.prod(shape[1:])
-    first, last = start // inner, (stop - 1) // inner
-    if first == last:
-        return [((first, first + 1),) + box for box in flat_range_boxes(shape[1:], start - first * inner,
-                                                                            stop - first * inner)]
-    out = []
-    if start % inner:  # a partial leading row
-        out += [((first, first + 1),) + box for box in flat_range_boxes(shape[1:], start % inner, inner)]
-        first += 1
-    whole_end = last if stop % inner else last + 1
-    if first < whole_end:
-        out.append(((first, whole_end),) + tuple((0, n) for n in shape[1:]))
-    if stop % inner:  # a partial trailing row
-        out += [((last, last + 1),) + box for box in flat_range_boxes(shape[1:], 0, stop % inner)]
-    return out
-
-
-def offset_box(box: Box, origin: Box) -> Box:
-    """A box in a local tensor's coordinates moved into the global tensor's (the local tensor is `origin`)."""
-    return tuple((a + o, b + o) for (a, b), (o, _) in zip(box, origin))
-
-
-def _is_tied_copy(model: torch.nn.Module, param: torch.nn.Parameter, mesh: Mesh) -> bool:
-    if getattr(model, "pipeline", None) is None:
-        return False
-    from engine.parallel.pipeline import is_tied_copy
-
-    return is_tied_copy(model, param, mesh.pp_rank)
-
-
-def parameter_specs(model: torch.nn.Module, mesh: Mesh) -> dict[str, ShardSpec]:
-    """Every local parameter's global name, global shape, region, and who writes it."""
-    dims = shard_dims(model)
+def parameter_specs(named_parameters, dims: dict[str, int], skipped: set[int], mesh: Mesh) -> dict[str, ShardSpec]:
+    """Every local parameter's global name, global shape, region, and who writes it. `dims`: the split
+    dimension of each tensor-parallel tensor; `skipped`: ids of parameters this rank holds a copy of that
+    another rank writes (the last stage's tied embedding)."""
     specs = {}
-    for name, p in model.named_parameters():
+    for name, p in named_parameters:
         dim = dims.get(name)
         global_shape = tuple(n * mesh.tp if i == dim else n for i, n in enumerate(p.shape))
-        owner = (dim is not None or mesh.tp_rank == 0) and not _is_tied_copy(model, p, mesh)
+        owner = (dim is not None or mesh.tp_rank == 0) and id(p) not in skipped
         specs[name] = ShardSpec(name, global_shape, split_box(global_shape, dim, mesh.tp_rank, mesh.tp), owner,
                                 mesh.dp_rank)
     return specs
@@ -135,40 +74,15 @@ class StatePiece:
     """The region's values, shaped like the box."""
 
 
-def is_zero_optimizer(optimizer) -> bool:
-    return hasattr(optimizer, "sync") and hasattr(optimizer, "shards")
-
-
-def optimizer_pieces(optimizer, model: torch.nn.Module, mesh: Mesh
-                     ) -> tuple[list[StatePiece], dict[str, float], list[StatePiece]]:
+def optimizer_pieces(layout: "Layout", optimizer) -> tuple[list[StatePiece], dict[str, float], list[StatePiece]]:
     """This rank's share of the optimizer state to save: elementwise regions (resharded freely on load),
     0-d scalars such as step counts, and layout-bound tensors (Adafactor's factors, whose values depend on
     the slice they were computed over: they load only into the same slice)."""
-    specs = parameter_specs(model, mesh)
-    names = {id(p): n for n, p in model.named_parameters()}
+    specs = layout.shard_specs()
+    names = {id(p): n for n, p in layout.named_parameters()}
+    if isinstance(optimizer, ZeroAdamW):
+        return _zero_pieces(optimizer, specs, names)
     pieces, scalars, bound = [], {}, []
-    if is_zero_optimizer(optimizer):
-        sync = optimizer.sync
-        for shard, bucket in zip(optimizer.shards, sync.buckets):
-            state = optimizer.inner.state.get(shard, {})
-            lo, hi = sync.shard_range(bucket)
-            for p, offset in zip(bucket.params, bucket.offsets):
-                spec = specs[names[id(p)]]
-                start, stop = max(lo, offset), min(hi, offset + p.numel())
-                if start >= stop or not spec.owner:  # under ZeRO-1 every replica writes its own slice
-                    continue
-                for key, value in state.items():
-                    if value.ndim == 0:
-                        scalars[f"{spec.global_name}/{key}"] = float(value)
-                        continue
-                    flat = value[start - lo:stop - lo]
-                    done = 0
-                    for box in flat_range_boxes(tuple(p.shape), start - offset, stop - offset):
-                        n = math.prod(box_shape(box))
-                        pieces.append(StatePiece(f"{spec.global_name}/{key}", spec.global_shape,
-                                                 offset_box(box, spec.box), flat[done:done + n].view(box_shape(box))))
-                        done += n
-        return pieces, scalars, bound
     for p, state in optimizer.state.items():
         spec = specs[names[id(p)]]
         if not spec.writes:
@@ -183,9 +97,30 @@ def optimizer_pieces(optimizer, model: torch.nn.Module, mesh: Mesh
     return pieces, scalars, bound
 
 
+def _zero_pieces(optimizer: ZeroAdamW, specs: dict[str, ShardSpec], names: dict[int, str]
+                 ) -> tuple[list[StatePiece], dict[str, float], list[StatePiece]]:
+    """Under ZeRO-1 every replica writes its own slice: each flat state slice as boxes of the parameters."""
+    pieces, scalars = [], {}
+    sync = optimizer.sync
+    for shard, bucket in zip(optimizer.shards, sync.buckets):
+        state = optimizer.inner.state.get(shard, {})
+        for part in slice_parts(bucket, *sync.shard_range(bucket)):
+            spec = specs[names[id(part.param)]]
+            if not spec.owner:
+                continue
+            for key, value in state.items():
+                if value.ndim == 0:
+                    scalars[f"{spec.global_name}/{key}"] = float(value)
+                    continue
+                for box, start, stop in part.boxes():
+                    pieces.append(StatePiece(f"{spec.global_name}/{key}", spec.global_shape,
+                                             offset_box(box, spec.box), value[start:stop].view(box_shape(box))))
+    return pieces, scalars, []
+
+
 def layout_boxes(cfg, shapes: dict[str, tuple[int, ...]], pp: int, tp: int, pp_rank: int, tp_rank: int
                  ) -> dict[str, Box]:
-    """Offline twin of parameter_specs for the converter: the regions pipeline rank `pp_rank`, tensor rank
+    """Offline twin of the shard specs for the converter: the regions pipeline rank `pp_rank`, tensor rank
     `tp_rank` writes under pp x tp, from the layouts' own pure rules (TP_PLAN; the pipeline's stage split)."""
     n_layers = cfg.model.n_layers
     if pp > 1:

@@ -13,17 +13,21 @@ hold (B, S/tp, d): each rank its contiguous chunk of the sequence. Attention alw
 The vocabulary is split in contiguous slices: the embedding looks up the ids of its slice and sums
 (or reduce-scatters) over ranks; the output head computes its slice of the logits and a vocab-parallel
 cross-entropy. Tied embeddings share the one sharded weight. Weights are sliced from the single-device
-model, so a tensor-parallel run starts from exactly the same weights; `shard_dims` says how to gather them.
+model, so a tensor-parallel run starts from exactly the same weights; `apply_tensor_parallel` returns what it
+split (`TensorParallelShards`: the dimension of every sharded tensor, the gains with partial gradients), which
+the layout (engine/parallel/layout.py) keeps, and `planned_shard_dim` gives the same dimensions offline.
 """
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.batch import IGNORE_INDEX
+from engine.config import layout_problem
 from engine.model import OutputHead, RMSNorm, Transformer
 from engine.parallel import comm
 from engine.parallel.mesh import Mesh
@@ -87,7 +91,7 @@ class RowParallelLinear(nn.Module):
 class ColumnInputNorm(RMSNorm):
     """RMSNorm (on this rank's sequence chunk under sequence parallelism), then the entry to the region its
     output feeds: f, or the all-gather along the sequence. Its weight is replicated; under sequence parallelism
-    each rank's gradient covers only its chunk, so finalize_grads sums them (`partial_grad`)."""
+    each rank's gradient covers only its chunk, so the layout sums them (`TensorParallelShards.partial_grads`)."""
 
     shard_dim = None
 
@@ -95,10 +99,6 @@ class ColumnInputNorm(RMSNorm):
         super().__init__(norm.weight.shape[0], norm.eps)
         self.weight = norm.weight
         self.group, self.sequence_parallel = group, sequence_parallel
-
-    @property
-    def partial_grad(self) -> bool:
-        return self.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
@@ -184,10 +184,7 @@ class VocabParallelOutputHead(nn.Module):
         """Cross-entropy over the non-ignored labels, the same on every rank; "sum" or "mean" as OutputHead."""
         h, labels = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
         logits = F.linear(h, self.weight)  # (N, V / tp)
-        impl = self.impl
-        if impl == "auto":
-            impl = "triton" if h.is_cuda else "torch"
-        if impl in ("triton", "fused"):
+        if self.impl in ("triton", "fused"):
             # linear_cross_entropy sums grad_hidden over the group itself, and the entry before this head (f or the
             # sequence all-gather) would sum it again: under tensor parallelism "fused" takes the logits kernel.
             from kernels.cross_entropy import cross_entropy
@@ -207,16 +204,6 @@ def plan_kind(name: str) -> str | None:
     return None
 
 
-def check_divisible(model: Transformer, tp: int) -> None:
-    cfg = model.cfg
-    for field_name in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
-        size = getattr(cfg, field_name)
-        if size % tp:
-            raise ValueError(f"tensor parallelism: parallel.tp={tp} does not divide model.{field_name}={size}; "
-                             f"each rank must hold whole heads and equal slices; choose tp among "
-                             f"{[d for d in range(1, size + 1) if size % d == 0]}")
-
-
 def _tensor_parallel_twin(kind: str, module: nn.Module, mesh: Mesh, sequence_parallel: bool) -> nn.Module:
     rank, tp, group = mesh.tp_rank, mesh.tp, mesh.tp_group
     if kind == "column":
@@ -234,10 +221,33 @@ def _tensor_parallel_twin(kind: str, module: nn.Module, mesh: Mesh, sequence_par
                      "column_input, vocab_embedding or vocab_output")
 
 
+_KIND_CLASSES = {"column": ColumnParallelLinear, "row": RowParallelLinear, "column_input": ColumnInputNorm,
+                 "vocab_embedding": VocabParallelEmbedding, "vocab_output": VocabParallelOutputHead}
+
+
+def planned_shard_dim(param_name: str) -> int | None:
+    """The dimension tensor parallelism splits a single-device parameter along (None: replicated), from the
+    plan alone (the planner and the offline checkpoint converter)."""
+    kind = plan_kind(param_name.rsplit(".", 1)[0])
+    return None if kind is None else _KIND_CLASSES[kind].shard_dim
+
+
+@dataclass
+class TensorParallelShards:
+    """What apply_tensor_parallel split: how to gather each sharded tensor and which gradients need a sum."""
+
+    dims: dict[str, int] = field(default_factory=dict)
+    """State-dict name -> the dimension along which that tensor is split over the tensor-parallel group."""
+    partial_grads: list[nn.Parameter] = field(default_factory=list)
+    """Replicated parameters whose gradient each rank holds only a part of (norms under sequence parallelism)."""
+
+
 @torch.no_grad()
-def apply_tensor_parallel(model: Transformer, mesh: Mesh, sequence_parallel: bool) -> Transformer:
+def apply_tensor_parallel(model: Transformer, mesh: Mesh, sequence_parallel: bool) -> TensorParallelShards:
     """Swap the plain modules for their tensor-parallel twins in place, slicing the current weights."""
-    check_divisible(model, mesh.tp)
+    problem = layout_problem(model.cfg, mesh.tp)
+    if problem:
+        raise ValueError(f"tensor parallelism: {problem[0]}={mesh.tp}: {problem[1]}")
     tied = (model.tok_embeddings is not None and model.output is not None
             and model.output.weight is model.tok_embeddings.weight)
     planned = []
@@ -248,19 +258,14 @@ def apply_tensor_parallel(model: Transformer, mesh: Mesh, sequence_parallel: boo
                              "in TP_PLAN; add its pattern with a kind (column, row, column_input, ...)")
         if kind is not None:
             planned.append((name, kind, module))
+    shards = TensorParallelShards()
     for name, kind, module in planned:
-        model.set_submodule(name, _tensor_parallel_twin(kind, module, mesh, sequence_parallel))
+        twin = _tensor_parallel_twin(kind, module, mesh, sequence_parallel)
+        model.set_submodule(name, twin)
+        if twin.shard_dim is not None:
+            shards.dims[f"{name}.weight"] = twin.shard_dim
+        if kind == "column_input" and sequence_parallel:
+            shards.partial_grads.append(twin.weight)
     if tied:  # one sharded weight for both: the same slicing serves both
         model.output.weight = model.tok_embeddings.weight
-    return model
-
-
-def shard_dims(model: nn.Module) -> dict[str, int]:
-    """State-dict name -> the dimension along which that tensor is split over the tensor-parallel group."""
-    return {f"{name}.weight": module.shard_dim for name, module in model.named_modules()
-            if getattr(module, "shard_dim", None) is not None}
-
-
-def partial_grad_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Replicated parameters whose gradient each rank holds only a part of (norms under sequence parallelism)."""
-    return [m.weight for m in model.modules() if isinstance(m, ColumnInputNorm) and m.partial_grad]
+    return shards

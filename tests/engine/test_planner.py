@@ -17,7 +17,7 @@ from engine.info import parameter_table
 from engine.model import build_model
 from engine.optim import build_optimizer
 from engine.plan_cli import add_plan_commands, parse_bytes
-from tests.parallel.launch import launch
+from tests.engine.parallel.launch import launch
 
 TOLERANCE = 1e-3
 SMALL = ["--data.seq_len=64", "--train.batch_size=2"]
@@ -77,18 +77,19 @@ def test_memory_matches_what_the_tiny_model_allocates_on_cpu(flags):
 
 
 def _tensor_parallel_activations(flags_by_case):
+    from engine.config import resolve_auto
     from engine.parallel import init_mesh, parallelize
 
     out = []
     mesh = None
     for flags in flags_by_case:
-        cfg = load_config("configs/tiny.toml", SMALL + flags)
+        cfg = resolve_auto(load_config("configs/tiny.toml", SMALL + flags), cuda_available=False)
         mesh = mesh or init_mesh(cfg)
-        model = parallelize(build_model(cfg.model, 0), cfg, mesh)
-        _, measured = saved_activation_bytes(model, packed_batch(cfg))
-        layout = P.Layout(dp=1, pp=1, tp=mesh.tp, microbatches=1, sp=cfg.parallel.sp)
-        plan = P.plan(cfg, layout, P.H100_80G, P.FP32_CPU)
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        layout = parallelize(build_model(cfg.model, 0), cfg, mesh)
+        _, measured = saved_activation_bytes(layout.model, packed_batch(cfg))
+        planned = P.Layout(dp=1, pp=1, tp=mesh.tp, microbatches=1, sp=cfg.parallel.sp)
+        plan = P.plan(cfg, planned, P.H100_80G, P.FP32_CPU)
+        weights = sum(p.numel() * p.element_size() for p in layout.parameters())
         out.append((measured, plan.activations_bytes, weights, plan.weights_bytes))
     return out
 

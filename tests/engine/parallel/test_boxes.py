@@ -1,11 +1,11 @@
-"""The region arithmetic of engine/parallel/specs.py: ZeRO-1's flat slices as boxes, and box intersections."""
+"""The region arithmetic of engine/parallel/boxes.py: flat element ranges as boxes, splits and intersections."""
 import math
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.parallel.specs import box_shape, flat_range_boxes, intersect, split_box
+from engine.parallel.boxes import box_shape, flat_range_boxes, intersect, split_box
 
 
 @st.composite

@@ -1,5 +1,7 @@
-"""Tensor (and sequence) parallelism equals the single-device model: logits, loss, every gradient, the gradient
-norm and the weights after 3 AdamW steps, on real gloo processes, in fp32, within 1e-5 relative.
+"""Tensor (and sequence) parallelism equals the single-device model: logits, the loss, the forward-only pass
+(summed loss, hidden states and logits at chosen positions), and through the training loop's train_step the
+loss, every gradient, the gradient norm and the weights after 3 AdamW steps, on real gloo processes, in fp32,
+within 1e-5 relative.
 
 Process start-up dominates, so hypothesis draws a handful of model shapes in the parent and one launch per tp
 runs them all, each with sequence parallelism off and on.
@@ -11,18 +13,15 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from launch import launch
-from reference import draw_cases
+from reference import Worst, compare_training, draw_cases, make_config, reference_run
 
 from engine.batch import IGNORE_INDEX, Batch
-from engine.config import Config, ConfigError, DataConfig, ModelConfig, OptimConfig, ParallelConfig
+from engine.config import ConfigError, ModelConfig, ParallelConfig
+from engine.data_source import rank_rows
 from engine.model import build_model
-from engine.optim import build_optimizer
-from engine.parallel import Mesh, clip_grad_norm, finalize_grads, full_state_dict, init_mesh, local_batch, parallelize
-from engine.parallel import comm, tensor
+from engine.parallel import Mesh, init_mesh, parallelize
+from engine.parallel import tensor
 from engine.parallel.mesh import coordinates, group_ranks, resolve_degrees
-
-TOLERANCE = 1e-5  # fp32: only the order of the partial sums differs between layouts
-STEPS = 3
 
 
 @st.composite
@@ -42,15 +41,6 @@ def cases(draw, tp: int) -> dict:
         seed=draw(st.integers(0, 2**16)))
 
 
-def make_config(case: dict, tp: int, sp: bool) -> Config:
-    # Adam divides each gradient by its own magnitude, so the fp32 noise of near-zero gradients becomes an
-    # O(lr) step difference: lr 1e-3, eps 1e-6 and init_std 0.1 keep the weights of these tiny models well
-    # above it (reference.make_config explains the same choice for the pipeline and data-parallel tests).
-    return Config(model=ModelConfig(**{"init_std": 0.1, **case["model"]}), parallel=ParallelConfig(tp=tp, sp=sp),
-                  optim=OptimConfig(lr=1e-3, eps=1e-6, weight_decay=0.1, grad_clip=0.5, warmup_steps=0),
-                  data=DataConfig(seq_len=case["seq_len"])).validate("test case")
-
-
 def make_batch(case: dict) -> Batch:
     gen = torch.Generator().manual_seed(case["seed"])
     S, V = case["seq_len"], case["model"]["vocab_size"]
@@ -65,61 +55,31 @@ def make_batch(case: dict) -> Batch:
     return Batch(tokens, labels.masked_fill(no_loss, IGNORE_INDEX), segment_ids)
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).norm() / want.norm().clamp(min=1e-12))
-
-
-def full_grads(model: torch.nn.Module, mesh: Mesh) -> dict[str, torch.Tensor]:
-    dims = tensor.shard_dims(model)
-    return {name: comm.all_gather(p.grad, mesh.tp_group, dims[name]) if name in dims else p.grad
-            for name, p in model.named_parameters()}
-
-
-def compare_one(case: dict, tp: int, sp: bool, mesh: Mesh) -> dict[str, tuple[float, str]]:
-    """Worst relative error per quantity (with the tensor that had it), tensor parallel vs single device."""
-    cfg = make_config(case, tp, sp)
+def compare_one(case: dict, tp: int, sp: bool, mesh: Mesh) -> list[str]:
+    """Every quantity further than the tolerance from the single device, tensor parallel vs one device."""
+    cfg = make_config(case["model"], case["seq_len"], tp=tp, sp=sp)
     single = build_model(cfg.model, case["seed"])
-    parallel = parallelize(build_model(cfg.model, case["seed"]), cfg, mesh)
+    layout = parallelize(build_model(cfg.model, case["seed"]), cfg, mesh)
     batch = make_batch(case)
-    worst: dict[str, tuple[float, str]] = {}
-
-    def note(quantity: str, got: torch.Tensor, want: torch.Tensor, name: str = "") -> None:
-        err = relative_error(got.detach(), want.detach())
-        if err >= worst.get(quantity, (-1.0, ""))[0]:
-            worst[quantity] = (err, name)
-
+    worst = Worst()
     with torch.no_grad():
         logits_batch = Batch(batch.tokens, segment_ids=batch.segment_ids)
-        note("logits", parallel(logits_batch), single(logits_batch))
-    optimizers = build_optimizer(single, cfg), build_optimizer(parallel, cfg)
-    for step in range(STEPS):
-        losses = [model(batch, loss_reduction=case["reduction"]) for model in (single, parallel)]
-        note("loss", losses[1], losses[0], f"step {step}")
-        for loss in losses:
-            loss.backward()
-        finalize_grads(single, Mesh())
-        finalize_grads(parallel, mesh)
-        if step == 0:
-            want = full_grads(single, Mesh())
-            for name, got in full_grads(parallel, mesh).items():
-                note("gradient", got, want[name], name)
-        norms = clip_grad_norm(single, cfg.optim.grad_clip, Mesh()), clip_grad_norm(parallel, cfg.optim.grad_clip, mesh)
-        note("grad_norm", torch.tensor(norms[1]), torch.tensor(norms[0]), f"step {step}")
-        for optimizer in optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    want = single.state_dict()
-    gathered = full_state_dict(parallel, mesh)
-    assert gathered.keys() == want.keys()
-    for name, got in gathered.items():
-        assert got.shape == want[name].shape, name
-        note("weights", got, want[name], name)
-    return worst
+        worst.note("logits", layout.model(logits_batch), single(logits_batch))
+        reduction = case["reduction"]
+        worst.note("loss", layout.model(batch, loss_reduction=reduction), single(batch, loss_reduction=reduction))
+        worst.note("summed_loss", layout.summed_loss(batch), single(batch, loss_reduction="sum"))
+        B, S = batch.tokens.shape
+        rows, positions = torch.arange(B).repeat_interleave(S), torch.arange(S).repeat(B)  # every position
+        hidden = single(batch, return_hidden=True)[rows, positions]
+        worst.note("hidden_at", layout.hidden_at(batch, rows, positions), hidden)
+        worst.note("logits_at", layout.logits_at(batch, rows, positions), single.output(hidden))
+    compare_training(layout, batch, reference_run(cfg, batch, case["seed"]), worst)
+    return worst.failures(f"tp={tp} sp={sp} rank {mesh.rank} case {case}")
 
 
-def compare_worker(drawn: list[dict], tp: int) -> list[tuple[int, bool, dict]]:
-    mesh = init_mesh(make_config(drawn[0], tp, sp=False))
-    return [(i, sp, compare_one(case, tp, sp, mesh)) for i, case in enumerate(drawn) for sp in (False, True)]
+def compare_worker(drawn: list[dict], tp: int) -> list[str]:
+    mesh = init_mesh(make_config(drawn[0]["model"], drawn[0]["seq_len"], tp=tp))
+    return [f for case in drawn for sp in (False, True) for f in compare_one(case, tp, sp, mesh)]
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -127,11 +87,8 @@ def test_tensor_parallel_equals_single_device(tp):
     # Hypothesis draws the cases (the simplest first, then random ones); they run in one multi-process launch,
     # since process start-up is the cost.
     drawn = draw_cases(cases(tp), 4)
-    for rank, results in enumerate(launch(compare_worker, tp, drawn, tp)):
-        for i, sp, worst in results:
-            for quantity, (err, name) in worst.items():
-                assert err < TOLERANCE, (f"tp={tp} sp={sp} rank {rank} case {drawn[i]}: {quantity} {name} "
-                                         f"relative error {err:.2e}")
+    failures = [f for rank_failures in launch(compare_worker, tp, drawn, tp) for f in rank_failures]
+    assert not failures, "\n".join(failures)
 
 
 def test_kernel_losses_under_tensor_parallelism():
@@ -139,18 +96,16 @@ def test_kernel_losses_under_tensor_parallelism():
     case = dict(model=dict(vocab_size=32, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4, d_ff=16,
                            tie_embeddings=True, loss="fused"),
                 seq_len=8, layouts=[([3], 1), ([], 0)], reduction="mean", seed=3)
-    for i, sp, worst in launch(compare_worker, 2, [case], 2)[0]:
-        for quantity, (err, name) in worst.items():
-            assert err < TOLERANCE, f"sp={sp}: {quantity} {name} relative error {err:.2e}"
+    failures = launch(compare_worker, 2, [case], 2)[0]
+    assert not failures, "\n".join(failures)
 
 
 def uneven_sequence_worker() -> str:
-    case = dict(model=dict(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, d_ff=16),
-                seq_len=8, layouts=[([], 0)], seed=0)
-    cfg = make_config(case, tp=2, sp=True)
-    model = parallelize(build_model(cfg.model, seed=0), cfg, init_mesh(cfg))
+    model = dict(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, d_ff=16)
+    cfg = make_config(model, 8, tp=2, sp=True)
+    layout = parallelize(build_model(cfg.model, seed=0), cfg, init_mesh(cfg))
     with pytest.raises(ValueError) as error:
-        model(Batch(torch.zeros(1, 9, dtype=torch.long)))
+        layout.model(Batch(torch.zeros(1, 9, dtype=torch.long)))
     return str(error.value)
 
 
@@ -178,7 +133,7 @@ def test_degrees_from_world_size_and_their_errors():
 def test_tp_must_divide_kv_heads():
     model = build_model(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=4,
                                     d_ff=32), seed=0)
-    with pytest.raises(ValueError, match=r"parallel.tp=4 does not divide model.n_kv_heads=2.*\[1, 2\]"):
+    with pytest.raises(ValueError, match=r"parallel.tp=4: 4 does not divide model.n_kv_heads=2.*\[1, 2\]"):
         tensor.apply_tensor_parallel(model, Mesh(tp=4), sequence_parallel=False)
 
 
@@ -190,11 +145,12 @@ def test_a_module_missing_from_the_plan_is_an_error():
         tensor.apply_tensor_parallel(model, Mesh(tp=2), sequence_parallel=False)
 
 
-def test_local_batch_gives_each_data_parallel_rank_its_rows():
+def test_rank_rows_gives_each_data_parallel_rank_its_rows():
     batch = Batch(torch.arange(24).view(6, 4))
-    assert torch.equal(local_batch(batch, Mesh(dp=3, dp_rank=1)).tokens, batch.tokens[2:4])
+    assert torch.equal(rank_rows(batch, 1, 3).tokens, batch.tokens[2:4])
+    assert torch.equal(torch.cat([rank_rows(batch, r, 2).tokens for r in range(2)]), batch.tokens)
     with pytest.raises(ValueError, match="6 rows does not divide by parallel.dp=4"):
-        local_batch(batch, Mesh(dp=4))
+        rank_rows(batch, 0, 4)
 
 
 def test_vocab_parallel_cross_entropy_on_one_rank_is_cross_entropy():
@@ -212,14 +168,15 @@ def test_vocab_parallel_cross_entropy_on_one_rank_is_cross_entropy():
 
 
 def test_single_process_clip_matches_torch():
-    model = build_model(ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4,
-                                    d_ff=32), seed=0)
-    model(make_batch(dict(seq_len=8, layouts=[([3], 1)], seed=1, model=dict(vocab_size=64)))).backward()
-    want_grads = [p.grad.clone() for p in model.parameters()]
+    model = dict(vocab_size=64, d_model=16, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=4, d_ff=32)
+    cfg = make_config(model, 8)
+    layout = parallelize(build_model(cfg.model, seed=0), cfg, Mesh())
+    layout.model(make_batch(dict(seq_len=8, layouts=[([3], 1)], seed=1, model=dict(vocab_size=64)))).backward()
+    want_grads = [p.grad.clone() for p in layout.parameters()]
     want = torch.nn.utils.clip_grad_norm_([_with_grad(g) for g in want_grads], 0.1)
-    got = clip_grad_norm(model, 0.1, Mesh())
+    got = layout.clip_gradients(0.1)
     assert got == pytest.approx(float(want), rel=1e-6)
-    for p, g in zip(model.parameters(), want_grads):
+    for p, g in zip(layout.parameters(), want_grads):
         torch.testing.assert_close(p.grad, g * min(1.0, 0.1 / (float(want) + 1e-6)))
 
 

@@ -25,11 +25,10 @@ from launch import free_port, launch
 
 from engine import checkpoint as ckpt
 from engine.batch import Batch
-from engine.config import load_config
+from engine.config import load_config, resolve_auto
+from engine.data_source import RankSlice
 from engine.model import build_model
-from engine.optim import build_optimizer
 from engine.parallel import Mesh, init_mesh, parallelize
-from engine.parallel.specs import parameter_specs
 from engine.paths import REPO_ROOT
 
 TOLERANCE = 1e-5
@@ -39,7 +38,7 @@ SHAPE = ["--model.d_model=32", "--model.n_layers=4", "--model.n_heads=4", "--mod
 
 
 def config(*flags):
-    return load_config("configs/tiny.toml", SHAPE + list(flags))
+    return resolve_auto(load_config("configs/tiny.toml", SHAPE + list(flags)), cuda_available=False)
 
 
 def global_grad(name: str, shape, step: int) -> torch.Tensor:
@@ -52,21 +51,26 @@ def region(t: torch.Tensor, box) -> torch.Tensor:
     return t[tuple(slice(a, b) for a, b in box)]
 
 
-def take_steps(model, optimizer, mesh: Mesh, steps: int = 2) -> None:
+def take_steps(layout, optimizer, steps: int = 2) -> None:
     """AdamW steps with seeded gradients: elementwise, so every layout's state is the reference's, sliced."""
-    specs = parameter_specs(model, mesh)
+    specs = layout.shard_specs()
     for step in range(steps):
-        for name, p in model.named_parameters():
+        for name, p in layout.named_parameters():
             spec = specs[name]
             p.grad = region(global_grad(spec.global_name, spec.global_shape, step), spec.box).clone()
         optimizer.step()
 
 
+def one_device(cfg, seed: int):
+    """A single-device layout of a freshly initialised model, and its optimizer."""
+    layout = parallelize(build_model(cfg.model, seed), cfg, Mesh())
+    return layout, layout.build_optimizer()
+
+
 def reference(cfg):
-    model = build_model(cfg.model, 0)
-    optimizer = build_optimizer(model, cfg)
-    take_steps(model, optimizer, Mesh())
-    return model, optimizer
+    layout, optimizer = one_device(cfg, 0)
+    take_steps(layout, optimizer)
+    return layout.model, optimizer
 
 
 def batch(cfg, labels: bool) -> Batch:
@@ -77,12 +81,13 @@ def batch(cfg, labels: bool) -> Batch:
     return Batch(tokens=tokens, labels=tokens.roll(-1, 1) if labels else None, segment_ids=segments)
 
 
-def state_mismatches(model, optimizer, mesh: Mesh, ref_model, ref_opt) -> list[str]:
+def state_mismatches(layout, optimizer, ref_model, ref_opt) -> list[str]:
     """Names whose weights or (non-ZeRO) AdamW state differ from the reference's regions."""
     ref = dict(ref_model.named_parameters())
+    specs = layout.shard_specs()
     bad = []
-    for name, p in model.named_parameters():
-        spec = parameter_specs(model, mesh)[name]
+    for name, p in layout.named_parameters():
+        spec = specs[name]
         if not torch.equal(p.detach(), region(ref[spec.global_name].detach(), spec.box)):
             bad.append(name)
         for key, value in optimizer.state.get(p, {}).items() if hasattr(optimizer, "state") else ():
@@ -92,10 +97,10 @@ def state_mismatches(model, optimizer, mesh: Mesh, ref_model, ref_opt) -> list[s
     return bad
 
 
-def zero_mismatches(optimizer, model, ref_model, ref_opt) -> list[str]:
+def zero_mismatches(optimizer, layout, ref_model, ref_opt) -> list[str]:
     """ZeRO-1 flat shards against the reference state of the parameters each bucket slice covers."""
     ref = dict(ref_model.named_parameters())
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in layout.named_parameters()}
     bad = []
     for i, (shard, bucket) in enumerate(zip(optimizer.shards, optimizer.sync.buckets)):
         lo, hi = optimizer.sync.shard_range(bucket)
@@ -111,66 +116,56 @@ def zero_mismatches(optimizer, model, ref_model, ref_opt) -> list[str]:
 
 
 def _across_layouts(root: str) -> dict:
-    from engine.parallel.data import GradientSync, ZeroAdamW
-    from engine.parallel.pipeline import apply_pipeline
-    from engine.parallel.tensor import apply_tensor_parallel
-
     out = {}
     ref_model, ref_opt = reference(config())
     with torch.no_grad():
         ref_logits = ref_model(batch(config(), labels=False))
-        ref_loss = ref_model(batch(config(), labels=True))
+        ref_loss = ref_model(batch(config(), labels=True), loss_reduction="sum")
 
     # Saved under tp=2 x pp=2.
     cfg = config("--parallel.tp=2", "--parallel.pp=2")
     mesh = init_mesh(cfg)
-    model = apply_tensor_parallel(build_model(cfg.model, 0), mesh, sequence_parallel=False)
-    model = apply_pipeline(model, cfg, mesh)
-    optimizer = build_optimizer(model, cfg)
-    take_steps(model, optimizer, mesh)
-    out["saved_state"] = state_mismatches(model, optimizer, mesh, ref_model, ref_opt)
-    saved = ckpt.Checkpointer(f"{root}/a", mesh, keep=1).save(2, model, optimizer, {"config": cfg.to_dict()})
+    layout = parallelize(build_model(cfg.model, 0), cfg, mesh)
+    optimizer = layout.build_optimizer()
+    take_steps(layout, optimizer)
+    out["saved_state"] = state_mismatches(layout, optimizer, ref_model, ref_opt)
+    saved = ckpt.Checkpointer(f"{root}/a", mesh, keep=1).save(2, layout, optimizer, {"config": cfg.to_dict()})
 
     if mesh.rank == 0:  # one device, no collectives
-        single = build_model(config().model, 7)
-        single_opt = build_optimizer(single, config())
+        single, single_opt = one_device(config(), 7)
         ckpt.load_checkpoint(saved, single, single_opt)
-        out["one_device_state"] = state_mismatches(single, single_opt, Mesh(), ref_model, ref_opt)
+        out["one_device_state"] = state_mismatches(single, single_opt, ref_model, ref_opt)
         with torch.no_grad():
-            out["one_device_logits_equal"] = torch.equal(single(batch(config(), labels=False)), ref_logits)
+            out["one_device_logits_equal"] = torch.equal(single.model(batch(config(), labels=False)), ref_logits)
 
     # tp=4.
     cfg = config("--parallel.tp=4")
     mesh = init_mesh(cfg)
-    model = parallelize(build_model(cfg.model, 7), cfg, mesh)
-    optimizer = build_optimizer(model, cfg)
-    ckpt.load_checkpoint(saved, model, optimizer, mesh)
-    out["tp4_state"] = state_mismatches(model, optimizer, mesh, ref_model, ref_opt)
+    layout = parallelize(build_model(cfg.model, 7), cfg, mesh)
+    optimizer = layout.build_optimizer()
+    ckpt.load_checkpoint(saved, layout, optimizer)
+    out["tp4_state"] = state_mismatches(layout, optimizer, ref_model, ref_opt)
     with torch.no_grad():
-        logits = model(batch(cfg, labels=False))
+        logits = layout.model(batch(cfg, labels=False))
     out["tp4_logits_error"] = float((logits - ref_logits).abs().max() / ref_logits.abs().max())
 
     # pp=2 x dp=2 with ZeRO-1 (small buckets, so that slices split tensors mid-row).
-    cfg = config("--parallel.pp=2", "--parallel.dp=2", "--parallel.zero=1")
+    cfg = config("--parallel.pp=2", "--parallel.dp=2", "--parallel.zero=1", "--parallel.bucket_mb=0.01")
     mesh = init_mesh(cfg)
-    model = apply_pipeline(build_model(cfg.model, 7), cfg, mesh)
-    sync = GradientSync(model, mesh.dp_group, bucket_mb=0.01, zero=True, late=[],
-                        weight_decay=cfg.optim.weight_decay)
-    optimizer = ZeroAdamW(sync, cfg.optim)
-    ckpt.load_checkpoint(saved, model, optimizer, mesh)
-    out["pp2dp2_weights"] = state_mismatches(model, optimizer, mesh, ref_model, ref_opt)
-    out["pp2dp2_zero_state"] = zero_mismatches(optimizer, model, ref_model, ref_opt)
-    with torch.no_grad():
-        loss = model(batch(cfg, labels=True))
+    layout = parallelize(build_model(cfg.model, 7), cfg, mesh)
+    optimizer = layout.build_optimizer()
+    ckpt.load_checkpoint(saved, layout, optimizer)
+    out["pp2dp2_weights"] = state_mismatches(layout, optimizer, ref_model, ref_opt)
+    out["pp2dp2_zero_state"] = zero_mismatches(optimizer, layout, ref_model, ref_opt)
+    loss = layout.summed_loss(batch(cfg, labels=True))
     out["pp2dp2_loss_error"] = abs(float(loss) - float(ref_loss)) / abs(float(ref_loss))
 
     # ... which saves its ZeRO-1 slices, and one device loads them.
-    resaved = ckpt.Checkpointer(f"{root}/c", mesh, keep=1).save(2, model, optimizer, {"config": cfg.to_dict()})
+    resaved = ckpt.Checkpointer(f"{root}/c", mesh, keep=1).save(2, layout, optimizer, {"config": cfg.to_dict()})
     if mesh.rank == 0:
-        single = build_model(config().model, 7)
-        single_opt = build_optimizer(single, config())
+        single, single_opt = one_device(config(), 7)
         ckpt.load_checkpoint(resaved, single, single_opt)
-        out["from_zero_state"] = state_mismatches(single, single_opt, Mesh(), ref_model, ref_opt)
+        out["from_zero_state"] = state_mismatches(single, single_opt, ref_model, ref_opt)
         index = ckpt.load_meta(resaved)
         out["zero_writers"] = sorted({p["file"] for e in index["tensors"].values() if e["kind"] == "optim"
                                       for p in e["pieces"]})
@@ -201,7 +196,7 @@ def _train(run_dir: str, *flags: str) -> list[float]:
 
     cfg = load_config("configs/tiny.toml", TRAIN + [f"--train.run_dir={run_dir}", *flags])
     tok = load_tokenizer(cfg)
-    train(cfg, lambda c: CorpusStream(c, tok))
+    train(cfg, lambda c, rank, size: RankSlice(CorpusStream(c, tok), rank, size))
     return [json.loads(line)["loss"] for line in open(f"{run_dir}/metrics.jsonl")]
 
 
@@ -228,13 +223,14 @@ def test_resume_after_three_steps_same_layout_exact_other_layout_close(tmp_path,
 
 KILLED_RUN = """
 import os, sys, time
-from engine import checkpoint as ckpt
+from engine.checkpoint import save
 from engine.config import load_config
 from engine.corpus import CorpusStream
+from engine.data_source import RankSlice
 from engine.tokenizer import load_tokenizer
 from engine.train import train
 
-real_save_file = ckpt.save_file
+real_save_file = save.save_file
 
 def slow_save_file(tensors, path):
     real_save_file(tensors, path)
@@ -242,10 +238,10 @@ def slow_save_file(tensors, path):
         print(f"SAVING {os.getpid()}", flush=True)
         time.sleep(600)
 
-ckpt.save_file = slow_save_file
+save.save_file = slow_save_file
 cfg = load_config("configs/tiny.toml", sys.argv[1:])
 tok = load_tokenizer(cfg)
-train(cfg, lambda c: CorpusStream(c, tok))
+train(cfg, lambda c, rank, size: RankSlice(CorpusStream(c, tok), rank, size))
 """
 
 

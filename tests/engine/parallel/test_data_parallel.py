@@ -1,6 +1,7 @@
 """Data parallelism (dp=2, with and without ZeRO-1) equals the single-device model through the training loop's
-seams; bucket all-reduces start during backward; ZeRO-1 holds half the optimizer state; each rank sends
-2(dp-1)/dp of the gradient bytes per step. One launch of 2 gloo processes runs everything."""
+train_step; bucket all-reduces start during backward; ZeRO-1 holds half the optimizer state; each rank sends
+2(dp-1)/dp of the gradient bytes per step (counted by engine/parallel/comm.py's one tally). One launch of 2
+gloo processes runs everything."""
 from __future__ import annotations
 
 import time
@@ -10,9 +11,10 @@ from hypothesis import strategies as st
 from launch import launch
 from reference import compare_layout, draw_cases, make_batch, make_config, model_shapes
 
+from engine.data_source import rank_rows
 from engine.model import build_model
 from engine.optim import build_optimizer
-from engine.parallel import arm_last_backward, build_parallel_optimizer, init_mesh, local_batch, parallelize
+from engine.parallel import comm, init_mesh, parallelize
 
 
 @st.composite
@@ -30,38 +32,38 @@ def overlap_and_volume(zero: int) -> dict:
     model_shape = dict(vocab_size=32, d_model=16, n_layers=4, n_heads=2, n_kv_heads=2, head_dim=8, d_ff=32)
     cfg = make_config(model_shape, 8, zero=zero, bucket_mb=1 / 1024)
     mesh = init_mesh(cfg)
-    model = parallelize(build_model(cfg.model, 0), cfg, mesh)
-    sync = model.data_parallel
-    batch = local_batch(make_batch(4, 8, 32, seed=1), mesh)
+    layout = parallelize(build_model(cfg.model, 0), cfg, mesh)
+    sync = layout.sync
+    batch = rank_rows(make_batch(4, 8, 32, seed=1), mesh.dp_rank, mesh.dp)
     seen = {}
 
     def count_launches(grad):
-        seen.setdefault("at_embedding", len(sync.counters.launches))
+        seen.setdefault("at_embedding", len(sync.launch_times))
 
     def watch_embedding_output(module, args, out):
         out.register_hook(count_launches)
 
-    model.tok_embeddings.register_forward_hook(watch_embedding_output)
-    model(batch, loss_reduction="sum").backward()  # not armed: a non-final microbatch
-    launched_unarmed = len(sync.counters.launches)
-    arm_last_backward(model)
-    seen.pop("at_embedding")
-    model(batch, loss_reduction="sum").backward()
-    backward_end = time.perf_counter()
-    optimizer = build_parallel_optimizer(model, cfg, mesh)
-    sync.wait()
-    sync.reduce_late()
-    optimizer.step()
+    layout.model.tok_embeddings.register_forward_hook(watch_embedding_output)
+    optimizer = layout.build_optimizer()
+    with comm.count_bytes() as tally:
+        layout.model(batch, loss_reduction="sum").backward()  # not armed: a non-final microbatch
+        launched_unarmed = len(sync.launch_times)
+        sync.arm()
+        seen.pop("at_embedding")
+        layout.model(batch, loss_reduction="sum").backward()
+        backward_end = time.perf_counter()
+        layout.finish_gradients()
+        optimizer.step()
     plain_state = build_optimizer(build_model(cfg.model, 0), cfg)
     for p in plain_state.param_groups[0]["params"] + plain_state.param_groups[1]["params"]:
         p.grad = torch.zeros_like(p)
     plain_state.step()
-    state_bytes = (optimizer.state_bytes() if zero else
-                   sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()))
+    state = optimizer.inner.state if zero else optimizer.state  # ZeroAdamW: a torch AdamW over its slices
+    state_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values())
     return dict(launched_unarmed=launched_unarmed, at_embedding=seen["at_embedding"], buckets=len(sync.buckets),
-                first_launch_before_end=sync.counters.launches[0][1] < backward_end,
-                sent_bytes=sync.counters.sent_bytes,
-                gradient_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                first_launch_before_end=sync.launch_times[0][1] < backward_end,
+                sent_bytes=tally.total_sent(), kinds=sorted(tally.calls),
+                gradient_bytes=sum(p.numel() * p.element_size() for p in layout.parameters()),
                 padded_bytes=sum(b.numel * 4 for b in sync.buckets),
                 state_bytes=state_bytes,
                 plain_state_bytes=sum(t.numel() * t.element_size() for s in plain_state.state.values()
@@ -88,6 +90,7 @@ def test_data_parallel():
             assert v["first_launch_before_end"], where
             # Ring all-reduce (or reduce-scatter + all-gather) sends 2 (dp-1)/dp of the buffers: dp=2 -> 1x.
             assert v["sent_bytes"] == v["padded_bytes"], where
+            assert v["kinds"] == (["all_gather", "reduce_scatter"] if zero else ["all_reduce"]), where
             assert v["gradient_bytes"] <= v["padded_bytes"] <= v["gradient_bytes"] + 4 * v["buckets"], where
             if zero:  # half of AdamW's moments, plus a step counter per shard
                 assert v["state_bytes"] <= v["plain_state_bytes"] / 2 + 8 * v["buckets"] + 4 * v["buckets"], where

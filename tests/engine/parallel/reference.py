@@ -1,5 +1,6 @@
-"""The single-device side of the pipeline / data-parallel / 3D equality tests: drawn model shapes, packed
-batches, and one reference training run whose loss, gradients and weights every layout must reproduce."""
+"""The single-device side of the tensor / pipeline / data-parallel / 3D equality tests: drawn model shapes,
+packed batches, one reference training run in plain PyTorch whose loss, gradients and weights every layout
+must reproduce, and the comparison, which trains the layout through engine.train.train_step itself."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +8,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from engine.batch import IGNORE_INDEX, Batch
-from engine.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig
+from engine.config import Config, DataConfig, ModelConfig, OptimConfig, ParallelConfig, resolve_auto
 from engine.model import build_model
 from engine.optim import build_optimizer
 
@@ -46,10 +47,12 @@ def make_config(model: dict, seq_len: int, **parallel) -> Config:
     # difference of that order times lr. lr 1e-3 and eps 1e-6 keep it small, and init_std 0.1 keeps the
     # weights of these 4-24 wide models well above it: with the default 0.02 / sqrt(2 n_layers) an output
     # projection of a 4-wide model is ~0.006 per element and its weights after 3 steps drift past 1e-5
-    # relative although every gradient agrees to 1e-6.
-    return Config(model=ModelConfig(**{"init_std": 0.1, **model}), parallel=ParallelConfig(**parallel),
-                  optim=OptimConfig(lr=1e-3, eps=1e-6, weight_decay=0.1, grad_clip=0.5, warmup_steps=0),
-                  data=DataConfig(seq_len=seq_len)).validate("test case")
+    # relative although every gradient agrees to 1e-6. A constant rate: the reference steps at optim.lr.
+    cfg = Config(model=ModelConfig(**{"init_std": 0.1, **model}), parallel=ParallelConfig(**parallel),
+                 optim=OptimConfig(lr=1e-3, eps=1e-6, weight_decay=0.1, grad_clip=0.5, warmup_steps=0,
+                                   schedule="constant"),
+                 data=DataConfig(seq_len=seq_len)).validate("test case")
+    return resolve_auto(cfg, cuda_available=False)
 
 
 def make_batch(rows: int, seq_len: int, vocab: int, seed: int) -> Batch:
@@ -72,8 +75,8 @@ def relative_error(got: torch.Tensor, want: torch.Tensor, floor: float = 1e-12) 
 
 
 def reference_run(cfg: Config, batch: Batch, seed: int) -> dict:
-    """Single device, STEPS AdamW steps on the same batch with clipping: the first step's loss and gradients,
-    every step's loss and gradient norm, and the final weights."""
+    """Single device, plain PyTorch: STEPS AdamW steps on the same batch with clipping; every step's loss and
+    gradient norm, the first step's (clipped) gradients, and the final weights."""
     model = build_model(cfg.model, seed)
     optimizer = build_optimizer(model, cfg)
     total = batch.num_target_tokens()
@@ -81,10 +84,10 @@ def reference_run(cfg: Config, batch: Batch, seed: int) -> dict:
     for step in range(STEPS):
         loss = model(batch, loss_reduction="sum") / total
         loss.backward()
-        if step == 0:
-            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         out["losses"].append(loss.detach())
         out["grad_norms"].append(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+        if step == 0:
+            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     out["weights"] = {n: t.clone() for n, t in model.state_dict().items()}
@@ -108,43 +111,56 @@ class Worst:
 
 
 def compare_layout(case: dict, mesh) -> list[str]:
-    """Train the case's layout for STEPS steps through the training loop's seams and list every quantity
-    (loss, gradients, gradient norm, final weights) further than TOLERANCE from the single device."""
-    from engine.parallel import (build_parallel_optimizer, clip_grad_norm, finalize_grads, full_state_dict,
-                                 local_batch, parallelize)
-    from engine.parallel.comm import all_gather
-    from engine.parallel.tensor import shard_dims
-    from engine.train import forward_backward
+    """Train the case's layout for STEPS steps and list every quantity (loss, gradients, gradient norm, final
+    weights) further than TOLERANCE from the single device."""
+    from engine.parallel import parallelize
 
     cfg = make_config(case["model"], case["seq_len"], **case["parallel"])
     cfg.train.grad_accum = case.get("grad_accum", 1)
     batch = make_batch(case["rows"], case["seq_len"], cfg.model.vocab_size, case["seed"])
-    want = reference_run(cfg, batch, case["seed"])
-    model = parallelize(build_model(cfg.model, case["seed"]), cfg, mesh)
-    optimizer = build_parallel_optimizer(model, cfg, mesh)
+    layout = parallelize(build_model(cfg.model, case["seed"]), cfg, mesh)
     worst = Worst()
+    compare_training(layout, batch, reference_run(cfg, batch, case["seed"]), worst)
+    return worst.failures(f"rank {mesh.rank} case {case}")
+
+
+def compare_training(layout, batch: Batch, want: dict, worst: Worst) -> None:
+    """STEPS calls of the training loop's own train_step on this rank's rows of `batch`, noted against the
+    reference run `want`."""
+    from engine.data_source import rank_rows
+    from engine.train import train_step
+
+    mesh = layout.mesh
+    optimizer = layout.build_optimizer()
+    rows = rank_rows(batch, mesh.dp_rank, mesh.dp)
     for step in range(STEPS):
-        loss = forward_backward(model, local_batch(batch, mesh), cfg, mesh, batch.num_target_tokens())
-        worst.note("loss", loss, want["losses"][step], f"step {step}")
-        finalize_grads(model, mesh)
-        sync = getattr(model, "data_parallel", None)
+        stats = train_step(layout, optimizer, rows, step)
+        worst.note("loss", torch.tensor(stats["loss"]), want["losses"][step], f"step {step}")
+        worst.note("grad_norm", torch.tensor(stats["grad_norm"]), want["grad_norms"][step], f"step {step}")
         if step == 0:
-            if sync is not None and sync.zero:
-                sync.gather_gradients()
-            dims = shard_dims(model)
-            # Relative 1e-5, but never finer than 1e-8 of the whole gradient's norm: a query/key projection whose
+            # Relative 1e-5, but never finer than 1e-3 of the whole gradient's norm: a query/key projection whose
             # segments are a token or two gets a gradient of pure rounding noise (1e-10 of the whole) that no
             # two summation orders share.
             floor = 1e-3 * float(torch.stack([g.norm() for g in want["grads"].values()]).norm())
-            for name, p in model.named_parameters():
-                grad = all_gather(p.grad, mesh.tp_group, dims[name]) if name in dims else p.grad
+            for name, grad in full_gradients(layout).items():
                 worst.note("gradient", grad, want["grads"][name], name, floor)
-        norm = clip_grad_norm(model, cfg.optim.grad_clip, mesh)
-        worst.note("grad_norm", torch.tensor(norm), want["grad_norms"][step], f"step {step}")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    weights = full_state_dict(model, mesh)
+    weights = layout.full_state_dict()
     assert weights.keys() == want["weights"].keys(), sorted(set(weights) ^ set(want["weights"]))
     for name, got in weights.items():
         worst.note("weights", got, want["weights"][name], name)
-    return worst.failures(f"rank {mesh.rank} case {case}")
+
+
+def full_gradients(layout) -> dict[str, torch.Tensor]:
+    """This rank's parameters' reduced (and clipped) gradients after a step, gathered over tp to their
+    single-device shapes; under ZeRO-1 from every rank's bucket slices (collective)."""
+    from engine.parallel import comm
+
+    mesh, dims = layout.mesh, layout.tensor.dims
+    grads = {id(p): p.grad for p in layout.parameters()}
+    if layout.zero:
+        for bucket in layout.sync.buckets:
+            flat = comm.all_gather(bucket.shard, mesh.dp_group, 0)
+            for p, offset in zip(bucket.params, bucket.offsets):
+                grads[id(p)] = flat[offset:offset + p.numel()].view_as(p)
+    return {name: comm.all_gather(grads[id(p)], mesh.tp_group, dims[name]) if name in dims else grads[id(p)]
+            for name, p in layout.named_parameters()}

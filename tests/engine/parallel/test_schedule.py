@@ -10,8 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.parallel.schedule_cli import add_pipeline_commands
-from engine.parallel.schedules import (COMM, Action, bubble_formula, check_schedule, comm_batches, compute_order,
+from engine.parallel.schedules import (COMM, Action, bubble_formula, check_schedule, comm_batches, compute_groups,
                                        message_key, schedule_actions, simulate)
+
+
+def compute_order(schedule: str, pp: int, rank: int, microbatches: int, virtual: int = 1) -> list[Action]:
+    """This rank's forwards and backwards, in the order it runs them."""
+    return [a for group in compute_groups(schedule, pp, rank, microbatches, virtual) for a in group]
+
 
 plain = st.tuples(st.sampled_from(["gpipe", "1f1b"]), st.integers(1, 6), st.integers(1, 12), st.just(1))
 

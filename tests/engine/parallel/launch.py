@@ -87,12 +87,11 @@ def two_node_torchrun(nproc_per_node: int) -> list[list[str]]:
     return [[*common, f"--node-rank={node}"] for node in (0, 1)]
 
 
-def start_pretrain(launcher: list[str], run_dir, *flags: str) -> subprocess.Popen:
-    """`flan pretrain configs/tiny.toml FLAGS` under `launcher` (torchrun, or plain python for one device)."""
+def start_flan(launcher: list[str], run_dir, *flags: str, command: str = "pretrain") -> subprocess.Popen:
+    """`flan COMMAND configs/tiny.toml FLAGS` under `launcher` (torchrun, or plain python for one device)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # several processes share the cores
-    command = [*launcher, "-m", "flan", "pretrain", "configs/tiny.toml", *flags, f"--train.run_dir={run_dir}"]
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    argv = [*launcher, "-m", "flan", command, "configs/tiny.toml", *flags, f"--train.run_dir={run_dir}"]
+    return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc: subprocess.Popen) -> None:
@@ -104,12 +103,13 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def two_nodes_and_one_device(tmp_path, name: str, nproc_per_node: int, flags: list[str],
-                             layout: list[str]) -> tuple[list[dict], list[dict]]:
-    """`flan pretrain FLAGS` on one device (run "one") and under two torchrun nodes with LAYOUT (run `name`),
-    all at once; returns both metrics.jsonl files."""
-    nodes = [start_pretrain(launcher, tmp_path / name, *flags, *layout) for launcher in two_node_torchrun(nproc_per_node)]
-    one = start_pretrain([sys.executable], tmp_path / "one", *flags)
+def two_nodes_and_one_device(tmp_path, name: str, nproc_per_node: int, flags: list[str], layout: list[str],
+                             command: str = "pretrain") -> tuple[list[dict], list[dict]]:
+    """`flan COMMAND FLAGS` on one device (run "one") and under two torchrun nodes with LAYOUT (run `name`), all
+    at once; returns both metrics.jsonl files."""
+    nodes = [start_flan(launcher, tmp_path / name, *flags, *layout, command=command)
+             for launcher in two_node_torchrun(nproc_per_node)]
+    one = start_flan([sys.executable], tmp_path / "one", *flags, command=command)
     for proc in (*nodes, one):
         finish(proc)
     return read_metrics(tmp_path / "one"), read_metrics(tmp_path / name)
