@@ -1,5 +1,6 @@
 """Sharded checkpoints on one process: round trips, async snapshots, damaged files, refused mismatches, and the
-`flan checkpoint` commands. (Layout changes and a rank killed mid-save, on real processes: tests/parallel/.)"""
+`flan checkpoint` commands. (Layout changes and a rank killed mid-save, on real processes:
+tests/engine/parallel/test_sharded_checkpoint.py.)"""
 import argparse
 import json
 
@@ -8,31 +9,33 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.checkpoint_cli import add_checkpoint_commands, parse_layout
-from engine.config import load_config
+from engine.config import load_config, resolve_auto
 from engine.model import build_model
-from engine.optim import build_optimizer
-from engine.parallel import Mesh
+from engine.parallel import Mesh, parallelize
 
 SMALL = ["--model.d_model=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
          "--model.head_dim=16", "--model.d_ff=128", "--model.vocab_size=256", "--data.seq_len=32"]
 
 
+def config(flags=()):
+    return resolve_auto(load_config("configs/tiny.toml", SMALL + list(flags)), cuda_available=False)
+
+
 def trained(flags=(), steps: int = 2, seed: int = 0):
-    """A small model and optimizer after `steps` updates with seeded gradients."""
-    cfg = load_config("configs/tiny.toml", SMALL + list(flags))
-    model = build_model(cfg.model, seed)
-    optimizer = build_optimizer(model, cfg)
+    """A small model's (one-device) layout and optimizer after `steps` updates with seeded gradients."""
+    cfg = config(flags)
+    layout, optimizer = fresh(cfg, seed)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        for p in model.parameters():
+        for p in layout.parameters():
             p.grad = torch.randn(p.shape, generator=g)
         optimizer.step()
-    return cfg, model, optimizer
+    return cfg, layout, optimizer
 
 
 def fresh(cfg, seed: int = 99):
-    model = build_model(cfg.model, seed)
-    return model, build_optimizer(model, cfg)
+    layout = parallelize(build_model(cfg.model, seed), cfg, Mesh())
+    return layout, layout.build_optimizer()
 
 
 def assert_same_state(a_model, a_opt, b_model, b_opt):
@@ -46,15 +49,15 @@ def assert_same_state(a_model, a_opt, b_model, b_opt):
 
 @pytest.mark.parametrize("optim", ["adamw", "adafactor"])
 def test_round_trip_restores_weights_optimizer_rng_and_meta(tmp_path, optim):
-    cfg, model, optimizer = trained([f"--optim.name={optim}"])
+    cfg, layout, optimizer = trained([f"--optim.name={optim}"])
     torch.manual_seed(7)
-    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=2).save(2, model, optimizer, {"config": cfg.to_dict(),
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=2).save(2, layout, optimizer, {"config": cfg.to_dict(),
                                                                                   "data": {"row": 5}})
     expected_random = torch.rand(3)
     model2, optimizer2 = fresh(cfg)
     meta = ckpt.load_checkpoint(path, model2, optimizer2)
     assert meta["step"] == 2 and meta["data"] == {"row": 5} and meta["layout"] == {"dp": 1, "pp": 1, "tp": 1}
-    assert_same_state(model, optimizer, model2, optimizer2)
+    assert_same_state(layout, optimizer, model2, optimizer2)
     assert torch.equal(torch.rand(3), expected_random)  # the RNG continues where the saved run was
     index = json.loads((path / "index.json").read_text())
     wq = index["tensors"]["layers.0.attn.wq.weight"]
@@ -65,24 +68,24 @@ def test_round_trip_restores_weights_optimizer_rng_and_meta(tmp_path, optim):
 
 
 def test_async_save_snapshots_the_weights_and_the_next_save_waits(tmp_path):
-    cfg, model, optimizer = trained()
+    cfg, layout, optimizer = trained()
     saver = ckpt.Checkpointer(tmp_path, Mesh(), keep=1, async_save=True)
-    snapshot = [p.detach().clone() for p in model.parameters()]
-    saver.save(1, model, optimizer, {"config": cfg.to_dict()})
+    snapshot = [p.detach().clone() for p in layout.parameters()]
+    saver.save(1, layout, optimizer, {"config": cfg.to_dict()})
     with torch.no_grad():  # training goes on while the thread writes
-        for p in model.parameters():
+        for p in layout.parameters():
             p.add_(1.0)
-    saver.save(2, model, optimizer, {"config": cfg.to_dict()})  # joins the first
+    saver.save(2, layout, optimizer, {"config": cfg.to_dict()})  # joins the first
     saver.wait()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000002"]  # keep=1 pruned after completion
     one = ckpt.load_model_state(tmp_path / "checkpoints" / "step-000002")
-    for (name, p), old in zip(model.named_parameters(), snapshot):
+    for (name, p), old in zip(layout.named_parameters(), snapshot):
         assert torch.equal(one[name], p.detach()) and not torch.equal(one[name], old)
 
 
 def test_damaged_checkpoints_name_the_file_and_the_tensor(tmp_path):
-    cfg, model, optimizer = trained()
-    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=3).save(2, model, optimizer, {"config": cfg.to_dict()})
+    cfg, layout, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=3).save(2, layout, optimizer, {"config": cfg.to_dict()})
     shard = path / "model-r00000.safetensors"
     data = bytearray(shard.read_bytes())
 
@@ -110,17 +113,17 @@ def test_damaged_checkpoints_name_the_file_and_the_tensor(tmp_path):
 
 
 def test_shapes_that_do_not_fit_the_config_are_refused(tmp_path):
-    cfg, model, optimizer = trained()
-    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, model, optimizer, {"config": cfg.to_dict()})
-    wider, _ = fresh(load_config("configs/tiny.toml", SMALL + ["--model.d_ff=96"]))
+    cfg, layout, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, layout, optimizer, {"config": cfg.to_dict()})
+    wider, _ = fresh(config(["--model.d_ff=96"]))
     with pytest.raises(ckpt.CheckpointError, match=r"model-r00000.safetensors: tensor 'layers.0.mlp.w_gate.weight' "
                                                    r"has global shape \(128, 64\) but the configured model needs "
                                                    r"\(96, 64\)"):
         ckpt.load_checkpoint(path, wider, None)
-    deeper, _ = fresh(load_config("configs/tiny.toml", SMALL + ["--model.n_layers=3"]))
+    deeper, _ = fresh(config(["--model.n_layers=3"]))
     with pytest.raises(ckpt.CheckpointError, match=r"missing \['layers.2.attn.wk.weight'"):
         ckpt.load_checkpoint(path, deeper, None)
-    weights_only = ckpt.save_weights(tmp_path / "w", 0, model.state_dict(), {"config": cfg.to_dict()}, keep=1)
+    weights_only = ckpt.save_weights(tmp_path / "w", 0, layout.model.state_dict(), {"config": cfg.to_dict()}, keep=1)
     with pytest.raises(ckpt.CheckpointError, match="holds no optimizer state"):
         ckpt.load_checkpoint(weights_only, *fresh(cfg))
 
@@ -135,8 +138,8 @@ def run_cli(argv, capsys):
 
 
 def test_cli_inspect_and_convert_to_another_layout_and_back(tmp_path, capsys):
-    cfg, model, optimizer = trained()
-    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, model, optimizer, {"config": cfg.to_dict()})
+    cfg, layout, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, layout, optimizer, {"config": cfg.to_dict()})
     code, out, _ = run_cli(["checkpoint", "inspect", str(path), "--verify"], capsys)
     assert code == 0 and "step 2, layout dp=1 pp=1 tp=1 (1 ranks)" in out and "checksums verified" in out
     assert "layers.1.mlp.w_down.weight" in out and "(64, 128)" in out
@@ -152,7 +155,7 @@ def test_cli_inspect_and_convert_to_another_layout_and_back(tmp_path, capsys):
     assert run_cli(["checkpoint", "convert", str(sharded), str(back), "--layout", "dp=1,pp=1,tp=1"], capsys)[0] == 0
     model2, optimizer2 = fresh(cfg)
     ckpt.load_checkpoint(back, model2, optimizer2)
-    assert_same_state(model, optimizer, model2, optimizer2)
+    assert_same_state(layout, optimizer, model2, optimizer2)
 
     code, _, err = run_cli(["checkpoint", "convert", str(path), str(back), "--layout", "tp=2"], capsys)
     assert code == 1 and "already exists" in err
@@ -161,9 +164,9 @@ def test_cli_inspect_and_convert_to_another_layout_and_back(tmp_path, capsys):
 
 
 def test_another_optimizer_is_refused(tmp_path):
-    cfg, model, optimizer = trained()
-    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, model, optimizer, {"config": cfg.to_dict()})
-    other_cfg = load_config("configs/tiny.toml", SMALL + ["--optim.name=adafactor"])
+    cfg, layout, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, layout, optimizer, {"config": cfg.to_dict()})
+    other_cfg = config(["--optim.name=adafactor"])
     with pytest.raises(ckpt.CheckpointError, match="holds adamw state but this run's optimizer is adafactor; "
                                                    "resume with --optim.name=adamw"):
         ckpt.load_checkpoint(path, *fresh(other_cfg))
