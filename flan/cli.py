@@ -57,12 +57,14 @@ def cmd_tokenizer_train(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from engine.corpus import CorpusStream, unigram_entropy
+    from engine.data_source import RankSlice
     from engine.tokenizer import load_tokenizer
     from engine.train import train
 
     cfg = _config(args)
     tokenizer = load_tokenizer(cfg)
-    summary = train(cfg, lambda c: CorpusStream(c, tokenizer), kind="pretrain")
+    # The in-memory corpus yields global batches: each data-parallel rank takes its block of rows.
+    summary = train(cfg, lambda c, rank, size: RankSlice(CorpusStream(c, tokenizer), rank, size), kind="pretrain")
     if "val_loss" in summary:
         summary["unigram_entropy"] = unigram_entropy(cfg, tokenizer)
     _print_summary(summary)
@@ -70,13 +72,19 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    from engine.data_source import RankSlice
     from engine.tokenizer import load_tokenizer
     from engine.train import train
     from flan.mixture import TuningStream
+    from flan.registry import load_registry
 
     cfg = _config(args)
     tokenizer = load_tokenizer(cfg)
-    _print_summary(train(cfg, lambda c: TuningStream(c, tokenizer), kind="tune"))
+    heldout = cfg.data.heldout_cluster
+    excluded = load_registry().excluded_clusters(heldout) if heldout else []
+    # The mixture packs global batches: each data-parallel rank takes its block of rows.
+    _print_summary(train(cfg, lambda c, rank, size: RankSlice(TuningStream(c, tokenizer), rank, size), kind="tune",
+                         heldout_clusters=excluded))
     return 0
 
 
