@@ -3,7 +3,7 @@
     python benchmarks/checkpoint.py                      # tiny and gpu-125m, 1 rank and tp=2, sync and async
     python benchmarks/checkpoint.py --configs configs/tiny.toml --layouts 1 tp=2 pp=2,dp=2
 
-Each layout runs on real gloo processes (tests/parallel/launch.py starts them as torchrun would). A model with
+Each layout runs on real gloo processes (tests/engine/parallel/launch.py starts them as torchrun would). A model with
 one AdamW step's state is saved synchronously, then twice with async_save (the time until `save` returns, and
 until the write is done; the first async save allocates the CPU staging buffers, later ones reuse them), loaded
 back under the same layout, and loaded on one device by rank 0.
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from benchmarks.harness import environment, output_dir, print_table, write_json  # noqa: E402
-from tests.parallel.launch import launch  # noqa: E402
+from tests.engine.parallel.launch import launch  # noqa: E402
 
 
 def layout_flags(text: str) -> list[str]:
@@ -43,64 +43,47 @@ def _measure(config: str, flags: list[str], folder: str) -> dict:
     import torch
 
     from engine import checkpoint as ckpt
-    from engine.config import load_config
+    from engine.config import load_config, resolve_auto
     from engine.model import build_model
-    from engine.optim import build_optimizer
-    from engine.parallel import init_mesh
+    from engine.parallel import Mesh, init_mesh, parallelize
 
-    cfg = load_config(config, flags + ["--parallel.zero=0"])
+    cfg = resolve_auto(load_config(config, flags + ["--parallel.zero=0"]))
     mesh = init_mesh(cfg)
-    model = _layout_model(cfg, mesh, build_model(cfg.model, 0))
-    optimizer = build_optimizer(model, cfg)
-    for p in model.parameters():
+    layout = parallelize(build_model(cfg.model, 0), cfg, mesh)
+    optimizer = layout.build_optimizer()
+    for p in layout.parameters():
         p.grad = torch.randn_like(p)
     optimizer.step()
     meta = {"config": cfg.to_dict()}
     row = {}
 
     t0 = time.perf_counter()
-    path = ckpt.Checkpointer(f"{folder}/sync", mesh, keep=1).save(1, model, optimizer, meta)
+    path = ckpt.Checkpointer(f"{folder}/sync", mesh, keep=1).save(1, layout, optimizer, meta)
     row["save_s"] = time.perf_counter() - t0
     row["bytes_written"] = sum(f.stat().st_size for f in path.iterdir() if f"r{mesh.rank:05d}" in f.name)
 
     saver = ckpt.Checkpointer(f"{folder}/async", mesh, keep=1, async_save=True)
     for step in (1, 2):  # the first save allocates the CPU staging buffers, the second reuses them
         t0 = time.perf_counter()
-        saver.save(step, model, optimizer, meta)
+        saver.save(step, layout, optimizer, meta)
         row[f"async{step}_blocking_s"] = time.perf_counter() - t0
         saver.wait()
         row[f"async{step}_total_s"] = time.perf_counter() - t0
 
-    fresh = _layout_model(cfg, mesh, build_model(cfg.model, 1))
-    fresh_opt = build_optimizer(fresh, cfg)
+    fresh = parallelize(build_model(cfg.model, 1), cfg, mesh)
+    fresh_opt = fresh.build_optimizer()
     t0 = time.perf_counter()
-    ckpt.load_checkpoint(path, fresh, fresh_opt, mesh)
+    ckpt.load_checkpoint(path, fresh, fresh_opt)
     row["load_s"] = time.perf_counter() - t0
     if mesh.world_size > 1:
         torch.distributed.barrier()
     if mesh.rank == 0:
-        from engine.parallel import Mesh
-
-        single = build_model(cfg.model, 1)
-        single_opt = build_optimizer(single, cfg)
+        single = parallelize(build_model(cfg.model, 1), cfg, Mesh())
+        single_opt = single.build_optimizer()
         t0 = time.perf_counter()
-        ckpt.load_checkpoint(path, single, single_opt, Mesh())
+        ckpt.load_checkpoint(path, single, single_opt)
         row["load_one_device_s"] = time.perf_counter() - t0
     return row
-
-
-def _layout_model(cfg, mesh, model):
-    """Tensor parallelism through the loop's parallelize; pipeline stages as the pipeline applies them."""
-    from engine.parallel import parallelize
-
-    if mesh.pp == 1:
-        return parallelize(model, cfg, mesh)
-    from engine.parallel.pipeline import apply_pipeline
-    from engine.parallel.tensor import apply_tensor_parallel
-
-    if mesh.tp > 1:
-        model = apply_tensor_parallel(model, mesh, cfg.parallel.sp)
-    return apply_pipeline(model, cfg, mesh)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.harness import environment, output_dir, plot_lines, print_table, run_ranks, write_json
 from engine.batch import Batch
-from engine.config import Config, ModelConfig, ParallelConfig
+from engine.config import Config, ModelConfig, ParallelConfig, resolve_auto
 from engine.model import build_model
 from engine.parallel import comm, init_mesh, parallelize
 
@@ -35,9 +35,9 @@ def layer_config(d_model: int, n_layers: int) -> ModelConfig:
 
 def tally_step(cfg: Config, mesh, batch: Batch) -> comm.CommTally:
     """The collectives of one forward + backward of the loss."""
-    model = parallelize(build_model(cfg.model, seed=0), cfg, mesh)
+    layout = parallelize(build_model(cfg.model, seed=0), cfg, mesh)
     with comm.count_bytes() as tally:
-        model(batch).backward()
+        layout.model(batch).backward()
     return tally
 
 
@@ -50,6 +50,7 @@ def measure_rank(rank: int, world: int, cases: list[dict]) -> list[dict]:
             cfg = Config(model=layer_config(case["d_model"], n_layers),
                          parallel=ParallelConfig(tp=world, sp=case["sp"]))
             cfg.train.device = "cpu"  # gloo: the byte count does not depend on the device
+            cfg = resolve_auto(cfg)
             mesh = mesh or init_mesh(cfg)
             gen = torch.Generator().manual_seed(0)
             tokens = torch.randint(0, cfg.model.vocab_size, (case["batch"], case["seq_len"]), generator=gen)

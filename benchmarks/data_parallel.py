@@ -5,10 +5,11 @@ bytes, optimizer-state memory with ZeRO-1 against plain data parallelism, and st
     python -m benchmarks.data_parallel --dp 4 --bucket-mb 1,25
 
 Each rank runs --steps training steps (forward, backward with the bucket all-reduces launched from the
-gradient hooks, finalize, clip, optimizer step) on its slice of one global batch and reports what
-engine/parallel/data.py counted: bytes it sent under the ring algorithm (an all-reduce sends 2(dp-1)/dp of
-its buffer, a reduce-scatter and an all-gather (dp-1)/dp each, so ZeRO-1 moves the same volume) and the
-bytes of AdamW state it holds. "wire" is what the process really wrote to its sockets during the step (Linux
+gradient hooks, finish, clip, optimizer step: engine.train.train_step) on its slice of one global batch and
+reports what engine/parallel/comm.py's tally counted: bytes it sent under the ring algorithm (an all-reduce
+sends 2(dp-1)/dp of its buffer, a reduce-scatter and an all-gather (dp-1)/dp each, so ZeRO-1 moves the same
+volume; the step's two scalar all-reduces, the target count and the loss, add 12 bytes) and the bytes of
+AdamW state it holds. "wire" is what the process really wrote to its sockets during the step (Linux
 /proc/self/io wchar): on gloo an all-reduce matches the ring figure, while gloo's reduce-scatter sends the
 whole buffer, so ZeRO-1 over gloo moves 1.5x plain data parallelism's bytes at dp=2 (NCCL's ring reduce-scatter
 does not). Writes runs/bench/data_parallel/.
@@ -23,10 +24,12 @@ import torch
 
 from benchmarks.harness import environment, output_dir, print_table, run_ranks, write_json
 from engine.batch import Batch
-from engine.config import load_config
+from engine.config import load_config, resolve_auto
+from engine.data_source import rank_rows
 from engine.model import build_model
-from engine.parallel import (arm_last_backward, build_parallel_optimizer, clip_grad_norm, finalize_grads, init_mesh,
-                             local_batch, parallelize)
+from engine.parallel import comm, init_mesh, parallelize
+from engine.parallel.zero import ZeroAdamW
+from engine.train import train_step
 
 
 def written_bytes() -> int:
@@ -36,42 +39,37 @@ def written_bytes() -> int:
 
 
 def optimizer_state_bytes(optimizer) -> int:
-    inner = getattr(optimizer, "inner", optimizer)  # ZeroAdamW wraps a torch AdamW over its slices
+    inner = optimizer.inner if isinstance(optimizer, ZeroAdamW) else optimizer  # a torch AdamW over its slices
     return sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def measure_rank(rank: int, world: int, cases: list[dict], args) -> list[dict]:
     rows = []
     for case in cases:
-        cfg = load_config(args.config, [f"--parallel.zero={case['zero']}", f"--parallel.bucket_mb={case['bucket_mb']}",
-                                        "--train.device=cpu"])
+        cfg = resolve_auto(load_config(args.config, [f"--parallel.zero={case['zero']}",
+                                                      f"--parallel.bucket_mb={case['bucket_mb']}",
+                                                      "--train.device=cpu", "--optim.warmup_steps=0"]))
         mesh = init_mesh(cfg)
-        model = parallelize(build_model(cfg.model, seed=0), cfg, mesh)
-        optimizer = build_parallel_optimizer(model, cfg, mesh)
+        layout = parallelize(build_model(cfg.model, seed=0), cfg, mesh)
+        optimizer = layout.build_optimizer()
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, cfg.model.vocab_size, (args.batch_size, args.seq_len), generator=gen)
-        batch = Batch(tokens, labels=tokens.roll(-1, dims=1))
-        sync = model.data_parallel
+        mine = rank_rows(Batch(tokens, labels=tokens.roll(-1, dims=1)), mesh.dp_rank, mesh.dp)
         times, sent, wire = [], [], []
         for step in range(args.steps):
-            before, written = sync.counters.sent_bytes, written_bytes()
+            written = written_bytes()
             start = time.perf_counter()
-            mine = local_batch(batch, mesh)
-            loss = model(mine, loss_reduction="sum") / batch.num_target_tokens()
-            arm_last_backward(model)
-            loss.backward()
-            finalize_grads(model, mesh)
-            clip_grad_norm(model, 1.0, mesh)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            with comm.count_bytes() as tally:
+                train_step(layout, optimizer, mine, step)
             times.append(time.perf_counter() - start)
-            sent.append(sync.counters.sent_bytes - before)
+            sent.append(tally.total_sent())
             wire.append(written_bytes() - written)
-        gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        gradient_bytes = sum(p.numel() * p.element_size() for p in layout.parameters())
         rows.append(dict(case, rank=rank, dp=world, step_ms=1e3 * statistics.median(times[1:] or times),
                          sent_mib=sent[-1] / 2**20, wire_mib=wire[-1] / 2**20, gradient_mib=gradient_bytes / 2**20,
                          ring_formula_mib=2 * (world - 1) / world * gradient_bytes / 2**20,
-                         optimizer_state_mib=optimizer_state_bytes(optimizer) / 2**20, buckets=len(sync.buckets)))
+                         optimizer_state_mib=optimizer_state_bytes(optimizer) / 2**20,
+                         buckets=len(layout.sync.buckets)))
     return rows
 
 

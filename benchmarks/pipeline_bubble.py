@@ -21,7 +21,7 @@ import torch
 
 from benchmarks.harness import environment, output_dir, plot_lines, print_table, run_ranks, write_json
 from engine.batch import Batch
-from engine.config import Config, ModelConfig, ParallelConfig
+from engine.config import Config, ModelConfig, ParallelConfig, resolve_auto
 from engine.model import build_model
 from engine.parallel import init_mesh, parallelize
 from engine.parallel.pipeline import run_schedule, split_microbatches
@@ -43,8 +43,9 @@ def measure_rank(rank: int, world: int, cases: list[dict], args) -> list[dict]:
                      parallel=ParallelConfig(pp=world, schedule=case["schedule"], microbatches=case["microbatches"],
                                              virtual_stages=case["virtual"]))
         cfg.train.device = "cpu"
+        cfg = resolve_auto(cfg)
         mesh = init_mesh(cfg)
-        model = parallelize(build_model(cfg.model, seed=0), cfg, mesh)
+        layout = parallelize(build_model(cfg.model, seed=0), cfg, mesh)
         gen = torch.Generator().manual_seed(0)
         rows_per_step = args.rows * case["microbatches"]
         tokens = torch.randint(0, cfg.model.vocab_size, (rows_per_step, args.seq_len), generator=gen)
@@ -52,14 +53,14 @@ def measure_rank(rank: int, world: int, cases: list[dict], args) -> list[dict]:
         microbatches = split_microbatches(batch, case["microbatches"])
         fractions = []
         for rep in range(args.reps + 1):
-            model.pipeline.counters.clear()
+            layout.pipeline.busy_s = 0.0
             torch.distributed.barrier(group=mesh.pp_group)
             start = time.perf_counter()
-            run_schedule(model, microbatches, mesh, loss_scale=1.0 / batch.num_target_tokens())
+            run_schedule(layout.pipeline, microbatches, loss_scale=1.0 / batch.num_target_tokens())
             wall = time.perf_counter() - start
-            model.zero_grad(set_to_none=True)
+            layout.model.zero_grad(set_to_none=True)
             if rep:  # the first step warms up allocators and gloo's connections
-                fractions.append(1 - model.pipeline.counters["busy_s"] / wall)
+                fractions.append(1 - layout.pipeline.busy_s / wall)
         rows.append(dict(case, rank=rank, bubble=statistics.median(fractions)))
     return rows
 
