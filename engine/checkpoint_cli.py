@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from engine import checkpoint as ckpt
 from engine.config import config_from_dict, layout_problem
+from engine.errors import USAGE
 from engine.parallel.specs import layout_boxes
 
 
@@ -49,11 +49,7 @@ def inspect(path: Path, verify: bool) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    try:
-        info = inspect(Path(args.dir), args.verify)
-    except ckpt.CheckpointError as e:
-        print(f"flan checkpoint: {e}", file=sys.stderr)
-        return 1
+    info = inspect(Path(args.dir), args.verify)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -76,9 +72,10 @@ def convert(src: Path, out: Path, layout: dict[str, int], weights_only: bool) ->
     problem = layout_problem(cfg.model, layout["tp"], layout["pp"])
     if problem:
         raise ckpt.CheckpointError(f"--layout {layout}: this model (config in {src / ckpt.INDEX}) cannot be split "
-                                   f"that way: {problem[0]} {problem[1]}")
+                                   f"that way: {problem[0]} {problem[1]}", exit_code=USAGE)
     if out.exists():
-        raise ckpt.CheckpointError(f"{out}: already exists; choose a new folder for the converted checkpoint")
+        raise ckpt.CheckpointError(f"{out}: already exists; choose a new folder for the converted checkpoint",
+                                   exit_code=USAGE)
     reader = ckpt.Reader(src, index)
     model_shapes = {n: tuple(e["shape"]) for n, e in index["tensors"].items() if e["kind"] == "model"}
     tmp = out.parent / f".tmp-{out.name}"
@@ -120,11 +117,7 @@ def _convert_state(reader, share, name: str, box) -> None:
 
 
 def cmd_convert(args) -> int:
-    try:
-        out = convert(Path(args.dir), Path(args.out), args.layout, args.weights_only)
-    except ckpt.CheckpointError as e:
-        print(f"flan checkpoint: {e}", file=sys.stderr)
-        return 1
+    out = convert(Path(args.dir), Path(args.out), args.layout, args.weights_only)
     lay = args.layout
     print(f"{out}: written for dp={lay['dp']} pp={lay['pp']} tp={lay['tp']}")
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.errors import FlanError
 from engine.parallel.boxes import Box
 
 FORMAT = "flan-engine sharded checkpoint 1"
@@ -29,7 +30,7 @@ COMPLETE = "COMPLETE"
 INDEX = "index.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FlanError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file, the tensor and what is wrong."""
 
 
@@ -172,7 +173,14 @@ def dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_meta(path: str | Path) -> dict[str, Any]:
     """The checkpoint's index (config, layout, step, data position, tensors); refuses unfinished ones."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder; give a step-NNNNNN folder (e.g. "
+                              "runs/tiny/checkpoints/step-000300) or a run folder that holds one")
     if not (path / COMPLETE).is_file():
+        if (path / "checkpoints").is_dir() or not (path / INDEX).is_file() and not any(path.glob("*.safetensors")):
+            newest = latest_checkpoint(path)
+            hint = f"its newest complete checkpoint is {newest}" if newest else "it holds no complete checkpoint"
+            raise CheckpointError(f"{path}: not a checkpoint folder (no {INDEX}); {hint}")
         raise CheckpointError(f"{path}: no {COMPLETE} marker, so this checkpoint was never finished; use an older one")
     try:
         index = json.loads((path / INDEX).read_text())

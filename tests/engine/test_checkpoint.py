@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine.checkpoint_cli import add_checkpoint_commands, parse_layout
+from engine.checkpoint_cli import parse_layout
 from engine.config import load_config, resolve_auto
 from engine.model import build_model
 from engine.parallel import Mesh, parallelize
+from flan.cli import main
 
 SMALL = ["--model.d_model=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
          "--model.head_dim=16", "--model.d_ff=128", "--model.vocab_size=256", "--data.seq_len=32"]
@@ -129,10 +130,7 @@ def test_shapes_that_do_not_fit_the_config_are_refused(tmp_path):
 
 
 def run_cli(argv, capsys):
-    parser = argparse.ArgumentParser(prog="flan")
-    add_checkpoint_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code = args.func(args)
+    code = main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -158,7 +156,7 @@ def test_cli_inspect_and_convert_to_another_layout_and_back(tmp_path, capsys):
     assert_same_state(layout, optimizer, model2, optimizer2)
 
     code, _, err = run_cli(["checkpoint", "convert", str(path), str(back), "--layout", "tp=2"], capsys)
-    assert code == 1 and "already exists" in err
+    assert code == 2 and "already exists" in err
     with pytest.raises(argparse.ArgumentTypeError, match="--layout 'tp=two'"):
         parse_layout("tp=two")
 
