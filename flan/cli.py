@@ -61,10 +61,12 @@ def cmd_tokenizer_train(args) -> int:
 def cmd_pretrain(args) -> int:
     from engine.corpus import CorpusStream, unigram_entropy
     from engine.data_source import RankSlice
+    from engine.resume import preflight
     from engine.tokenizer import load_tokenizer
     from engine.train import train
 
     cfg = _config(args)
+    preflight(cfg, "pretrain")  # before the tokenizer, which may train for minutes
     tokenizer = load_tokenizer(cfg)
     # The in-memory corpus yields global batches: each data-parallel rank takes its block of rows.
     summary = train(cfg, lambda c, rank, size: RankSlice(CorpusStream(c, tokenizer), rank, size), kind="pretrain")
@@ -76,12 +78,14 @@ def cmd_pretrain(args) -> int:
 
 def cmd_tune(args) -> int:
     from engine.data_source import RankSlice
+    from engine.resume import preflight
     from engine.tokenizer import load_tokenizer
     from engine.train import train
     from flan.mixture import TuningStream
     from flan.registry import load_registry
 
     cfg = _config(args)
+    preflight(cfg, "tune")  # before the tokenizer, which may train for minutes
     tokenizer = load_tokenizer(cfg)
     heldout = cfg.data.heldout_cluster
     excluded = load_registry().excluded_clusters(heldout) if heldout else []
