@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from engine.checkpoint.format import (COMPLETE, FORMAT, INDEX, CheckpointError, Share, checkpoint_dir, crc, dedup_tied,
-                                      list_checkpoints, merge_fragments, rng_state)
+                                      list_checkpoints, merge_fragments, rng_file, rng_state)
 from engine.parallel.layout import Layout
 from engine.parallel.mesh import Mesh
 from engine.parallel.specs import optimizer_pieces
@@ -52,7 +52,7 @@ def _rank_share(layout: Layout, optimizer, staging: dict | None) -> tuple[Share,
         for piece in bound:
             share.add_bound(piece.global_name, piece.box, piece.tensor)
     rng_tensors, rng_json = rng_state()
-    share.files[f"rng-r{layout.mesh.rank:05d}.safetensors"] = rng_tensors
+    share.files[rng_file(layout.mesh.rank)] = rng_tensors
     return share, {"scalars": scalars, "rng": rng_json}
 
 
@@ -76,8 +76,9 @@ def write_share(tmp: Path, share: Share, extra: dict, coords: list[int]) -> dict
     for entry in list(share.tensors.values()) + list(share.bound.values()):
         for piece in entry["pieces"]:
             piece["crc32"] = checksums[piece["key"]]
+    rng = share.files.get(rng_file(share.rank), {})
     fragment = {"rank": share.rank, "coords": coords, "files": files, "tensors": share.tensors,
-                "bound": share.bound, **extra}
+                "bound": share.bound, "rng_crc32": {key: checksums[key] for key in rng}, **extra}
     part = tmp / f".rank-r{share.rank:05d}.json.part"
     part.write_text(json.dumps(fragment))
     _fsync(part)
@@ -102,7 +103,8 @@ def _wait_for_fragments(tmp: Path, world_size: int, timeout: float) -> list[dict
 def commit(tmp: Path, final: Path, fragments: list[dict], meta: dict, keep: int) -> None:
     tensors, bound, scalars, files = merge_fragments(tmp, fragments)
     index = dict(meta, format=FORMAT, files=files, tensors=tensors, bound_state=bound, scalars=scalars,
-                 ranks=[{"rank": f["rank"], "coords": f["coords"], "rng": f["rng"]} for f in fragments])
+                 ranks=[{"rank": f["rank"], "coords": f["coords"], "rng": f["rng"], "rng_crc32": f["rng_crc32"]}
+                        for f in fragments])
     (tmp / INDEX).write_text(json.dumps(index, indent=1))
     _fsync(tmp / INDEX)
     (tmp / COMPLETE).write_text("ok\n")
@@ -198,6 +200,6 @@ def save_weights(run_dir: str | Path, step: int, model_state: dict[str, torch.Te
     for name, t in dedup_tied(model_state).items():
         share.add("model", name, tuple(t.shape), tuple((0, n) for n in t.shape), t)
     rng_tensors, rng_json = rng_state()
-    share.files["rng-r00000.safetensors"] = rng_tensors
+    share.files[rng_file(0)] = rng_tensors
     return Checkpointer(run_dir, Mesh(), keep)._save_share(step, share, {"scalars": {}, "rng": rng_json},
                                                            dict(meta, optimizer_kind=None))
