@@ -77,6 +77,10 @@ class ParallelConfig:
     """ZeRO stage for data parallelism (1 shards the optimizer state)."""
     bucket_mb: float = 25.0
     """Gradient all-reduce bucket size in MiB."""
+    timeout_s: float = 300.0
+    """Seconds a collective or a checkpoint rendezvous waits for a peer before this rank stops with an error
+    (a peer that died is noticed at once over gloo; over NCCL after this long). Raise it for saves of very
+    large checkpoints to slow disks."""
 
 
 @dataclass
@@ -225,6 +229,8 @@ class Config:
             fail("parallel", str(e))
         if p.bucket_mb != p.bucket_mb or p.bucket_mb <= 0:
             fail("parallel.bucket_mb", f"is {p.bucket_mb}; it must be a positive size in MiB")
+        if not (math.isfinite(p.timeout_s) and p.timeout_s > 0):
+            fail("parallel.timeout_s", f"is {p.timeout_s}; it must be a positive number of seconds")
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             if getattr(t, name) < 1:
                 fail(f"train.{name}", f"is {getattr(t, name)}; it must be at least 1")

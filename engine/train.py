@@ -115,7 +115,12 @@ def train(cfg: Config, make_source: MakeSource, *, kind: str = "pretrain", heldo
     run = setup(cfg, make_source, kind, list(heldout_clusters))
     try:
         summary = run_loop(run)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # a peer that died in the last save stops this rank here, not in wait()
         run.saver.wait()
+    except BaseException:
+        run.saver.abort()  # a failing rank never waits on its background save
+        raise
     finally:
         run.logger.close()
     if run.mesh.is_logging_rank:

@@ -173,6 +173,11 @@ def _describe(e: Exception) -> tuple[int, str]:
         return e.exit_code, f"{kind}: {e}"
     if isinstance(e, OSError) and (e.filename is not None or e.errno is not None):
         return RUNTIME, f"error: {os_error_message(e)}"
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and isinstance(e, dist.DistError):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return RUNTIME, (f"error: another rank stopped or stopped answering ({first}); see that rank's output for "
+                         "the cause. Completed checkpoints are intact: continue with --train.resume=true")
     return RUNTIME, (f"internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); this is "
                      "a bug in flan-engine: rerun with --debug for the traceback and report it")
 
