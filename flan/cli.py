@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 
@@ -174,8 +175,12 @@ def _describe(e: Exception) -> tuple[int, str]:
     if isinstance(e, OSError) and (e.filename is not None or e.errno is not None):
         return RUNTIME, f"error: {os_error_message(e)}"
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and isinstance(e, dist.DistError):
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    # gloo reports a peer that died as a plain RuntimeError from its transport; NCCL and the store as DistError.
+    if dist is not None and (isinstance(e, dist.DistError) or (
+            isinstance(e, RuntimeError) and dist.is_initialized() and ("gloo" in text or "NCCL" in text))):
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(e).__name__)
+        first = first.split(". This is typically")[0]
         return RUNTIME, (f"error: another rank stopped or stopped answering ({first}); see that rank's output for "
                          "the cause. Completed checkpoints are intact: continue with --train.resume=true")
     return RUNTIME, (f"internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); this is "
