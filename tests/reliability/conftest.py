@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,20 @@ def flan(*args: str, timeout: float = 120, script: Path | None = None, **extra_e
     root; (exit code, stdout, stderr)."""
     cmd = [sys.executable, *([str(script)] if script else ["-m", "flan"]), *args]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env(**extra_env))
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 180) -> tuple[int, str, str]:
+    """`torchrun --nproc-per-node=N -m flan ARGS` on gloo processes of this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "flan", *args]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env())
     return proc.returncode, proc.stdout, proc.stderr
 
 
