@@ -187,11 +187,12 @@ class Checkpointer:
         return final
 
     def _failed(self, error: BaseException, tmp: Path, final: Path, share: Share) -> BaseException:
-        """Remove the partial folder of a failed save (a retry must not add another) and say, for a file-system
-        error such as a full disk, where and how many bytes this rank's part needs."""
-        shutil.rmtree(tmp, ignore_errors=True)
+        """For a file-system error (a full disk): remove the partial folder (a retry must not add another) and
+        say where and how many bytes this rank's part needs. Other failures (a peer that died) leave it to the
+        next session's first commit, like a kill does."""
         if not isinstance(error, OSError):
             return error
+        shutil.rmtree(tmp, ignore_errors=True)
         needed = sum(t.numel() * t.element_size() for tensors in share.files.values() for t in tensors.values())
         try:
             free = f"{shutil.disk_usage(self.root).free / 2**20:.1f} MiB are free there"

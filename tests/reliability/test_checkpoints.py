@@ -5,14 +5,7 @@ import json
 
 import pytest
 
-from tests.reliability.conftest import SMALL, flan, one_error_line, pretrain, snapshot, torchrun
-
-
-def flip(path, offset: int = -40) -> None:
-    """One flipped byte near the end of the file: inside the last stored tensor's values."""
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
+from tests.reliability.harness import SMALL, flan, flip, one_error_line, pretrain, snapshot, torchrun
 
 
 def test_a_flipped_byte_stops_a_resume_under_another_layout(copy_run):

@@ -2,7 +2,7 @@
 flag or field, with the documented exit code (2 usage/config, 1 runtime); a traceback only with --debug."""
 import pytest
 
-from tests.reliability.conftest import SMALL, flan, one_error_line, pretrain, snapshot
+from tests.reliability.harness import SMALL, flan, one_error_line, pretrain, snapshot
 
 
 def test_pretrain_and_tune_report_missing_data_in_one_line(tmp_path):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.reliability.conftest import REPO_ROOT, SMALL, env, free_port, one_error_line, pretrain, snapshot
+from tests.reliability.harness import REPO_ROOT, SMALL, env, free_port, one_error_line, pretrain, snapshot
 
 FULL_DISK = """
 import errno, sys

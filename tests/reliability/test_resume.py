@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from tests.reliability.conftest import TRAINED_STEPS, one_error_line, pretrain, snapshot
-from tests.reliability.test_checkpoints import flip
+from tests.reliability.harness import TRAINED_STEPS, flip, one_error_line, pretrain, snapshot
 
 
 def losses(run):

@@ -3,7 +3,7 @@ refused by validate() before any work, naming the field; nothing is written."""
 import pytest
 import torch
 
-from tests.reliability.conftest import flan, one_error_line, pretrain
+from tests.reliability.harness import flan, one_error_line, pretrain
 
 
 @pytest.mark.parametrize("flags, needle", [
