@@ -54,7 +54,7 @@ def preflight(cfg: Config, kind: str) -> None:
                               "checkpoints/")
     candidates = _candidates(cfg)
     if candidates:
-        _first_readable_index(candidates, cfg, kind)
+        _check_newest_readable(candidates, cfg, kind)
     check_writable(Path(cfg.train.run_dir))
 
 
@@ -109,7 +109,8 @@ def _candidates(cfg: Config) -> list[Path]:
     return list(reversed(found))
 
 
-def _first_readable_index(candidates: list[Path], cfg: Config, kind: str) -> tuple[Path, dict]:
+def _check_newest_readable(candidates: list[Path], cfg: Config, kind: str) -> None:
+    """The config check against the newest checkpoint whose index reads (its bytes are verified at load)."""
     damaged = []
     for path in candidates:
         try:
@@ -118,7 +119,7 @@ def _first_readable_index(candidates: list[Path], cfg: Config, kind: str) -> tup
             damaged.append(str(e))
             continue
         check_compatible(index, cfg, kind, path)
-        return path, index
+        return
     raise ckpt.CheckpointError(f"{Path(cfg.train.run_dir)}: every checkpoint is damaged ({'; '.join(damaged[:3])}); "
                                "nothing was changed")
 
