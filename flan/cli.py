@@ -120,11 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.plan_cli import add_plan_commands
     from flan.data_cli import add_data_commands
     from flan.eval_cli import add_eval_commands
+    from flan.experiment_cli import add_experiment_commands
     from flan.prompt_tune_cli import add_prompt_tune_commands
 
     add_data_commands(sub)
     add_eval_commands(sub)
     add_prompt_tune_commands(sub)
+    add_experiment_commands(sub)
     add_plan_commands(sub)
     add_checkpoint_commands(sub)
     add_pipeline_commands(sub)
