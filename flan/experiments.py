@@ -39,6 +39,8 @@ SMOKE_TRAIN = ("--train.steps=2", "--train.batch_size=4", "--train.val_every=0",
                "--optim.warmup_steps=0", "--data.seq_len=32", "--data.input_len=48", "--data.target_len=16")
 SMOKE_EVAL = ("--limit", "4", "--templates", "0", "--eval.max_new_tokens=2", "--eval.batch_size=8",
               "--data.input_len=48")
+# --scale tiny tunes as the main job does (scripts/run_tiny.sh): 150 steps at a constant rate after a warm-up.
+TINY_TUNE = ("--train.steps=150", "--optim.schedule=constant", "--optim.lr=1e-3", "--optim.warmup_steps=10")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,9 @@ class Context:
 
     def train_flags(self) -> tuple[str, ...]:
         return SMOKE_MODEL + SMOKE_TRAIN if self.scale == "smoke" else ()
+
+    def tune_flags(self) -> tuple[str, ...]:
+        return TINY_TUNE if self.scale == "tiny" else self.train_flags()
 
     def eval_flags(self) -> tuple[str, ...]:
         return SMOKE_EVAL if self.scale == "smoke" else ()
@@ -121,7 +126,7 @@ def tune(ctx: Context, base: Step, heldout: str, *, train_clusters: tuple[str, .
         flags.append(f"--data.templates_per_dataset={templates}")
     if fmt != "flan":
         flags.append(f"--data.instruction_format={fmt}")
-    return Step(name, "tune", ("tune", ctx.config, *ctx.train_flags(), *_model_flags(size), *flags), folder,
+    return Step(name, "tune", ("tune", ctx.config, *ctx.tune_flags(), *_model_flags(size), *flags), folder,
                 heldout=heldout, train_clusters=tuple(train_clusters))
 
 
@@ -180,10 +185,11 @@ def expand_scale(exp, ctx, registry, data_dir):
 
 def expand_templates(exp, ctx, registry, data_dir):
     base = pretrain(ctx)
-    steps = [base, evaluate(ctx, exp, "eval-base", base, None, [exp["heldout"]], {"tuned": {"x": 0, "group": "{cluster}"}})]
+    heldout = [exp["heldout"]]
+    steps = [base, evaluate(ctx, exp, "eval-base", base, None, heldout, {"tuned": {"x": 0, "group": "{cluster}"}})]
     for k in exp["templates"]:
         t = tune(ctx, base, exp["heldout"], templates=k)
-        steps += [t, evaluate(ctx, exp, f"eval-t{k}", t, None, [exp["heldout"]], {"tuned": {"x": k, "group": "{cluster}"}})]
+        steps += [t, evaluate(ctx, exp, f"eval-t{k}", t, None, heldout, {"tuned": {"x": k, "group": "{cluster}"}})]
     return steps
 
 

@@ -115,7 +115,7 @@ def cmd_prompt_tune(args) -> int:
 def add_prompt_tune_commands(subparsers) -> None:
     """Register `flan prompt-tune` on the `flan` parser's subparsers."""
     p = subparsers.add_parser("prompt-tune", help="train a soft prompt for one dataset on a frozen checkpoint")
-    p.add_argument("config", help="TOML config whose [optim], [train], [data], [parallel] apply, e.g. configs/tiny.toml")
+    p.add_argument("config", help="TOML config whose [optim], [train], [data], [parallel] apply (configs/tiny.toml)")
     p.add_argument("--checkpoint", required=True, help="run folder (newest checkpoint) or step-NNNNNN folder")
     p.add_argument("--dataset", required=True, help="registry dataset whose train split trains the prompt, e.g. rte")
     p.add_argument("--prompt-length", type=int, required=True, help="number of prompt vectors N")

@@ -204,7 +204,8 @@ def bare_inputs(spec: TaskSpec, template: Template, values: dict[str, str], inst
     return text
 
 
-def render_template(spec: TaskSpec, template: Template, row: dict, instruction_format: str = "flan") -> RenderedExample:
+def render_template(spec: TaskSpec, template: Template, row: dict,
+                    instruction_format: str = "flan") -> RenderedExample:
     """Fill one template with one row (data.instruction_format "flan"; "none" and "dataset_name": bare_inputs)."""
     try:
         values = {name: _as_text(row.get(name), spec.fields[name].type) for name in template.slots
@@ -217,7 +218,8 @@ def render_template(spec: TaskSpec, template: Template, row: dict, instruction_f
             if template.has_options:
                 options = tuple(opts)
         bare = instruction_format != "flan"
-        prompt = bare_inputs(spec, template, values, instruction_format) if bare else _fill(template.input_parts, values)
+        prompt = (bare_inputs(spec, template, values, instruction_format) if bare
+                  else _fill(template.input_parts, values))
         if options is not None and (bare or OPTIONS_SLOT not in template.slots):
             prompt = f"{prompt}\n\n{values[OPTIONS_SLOT]}"
         return RenderedExample(prompt, _fill(template.target_parts, values), options)
