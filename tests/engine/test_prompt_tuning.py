@@ -1,6 +1,6 @@
 """Prompt tuning: the lengthened batch, the prompted forward against an explicit reference (with and without a KV
 cache), a frozen model (bit-identical weights, no gradients, optimizer state for the prompt only), a falling
-loss, the Triton kernels, tp=2 (with and without sequence parallelism) equal to one device on gloo processes,
+loss, the Triton kernels, tp=2 (with and without sequence parallelism) and dp=2 equal to one device on gloo processes,
 the saved prompt's provenance, and a zero-length prompt scoring exactly as no prompt."""
 from __future__ import annotations
 
@@ -142,18 +142,20 @@ def test_triton_kernels_match_torch():
     assert torch.allclose(triton_run["prompt"], torch_run["prompt"], atol=1e-4)
 
 
-def tp_worker(sp: bool) -> dict:
+def parallel_worker(tp: int, sp: bool) -> dict:
     from engine.parallel import init_mesh
 
-    cfg = make_config(tp=2, sp=sp)
+    cfg = make_config(tp=tp, sp=sp)
     run = train_prompt(cfg, init_mesh(cfg), steps=5)
     return {"losses": run["losses"], "prompt": run["prompt"].tolist()}
 
 
-@pytest.mark.parametrize("sp", [False, True])
-def test_tensor_parallel_prompt_equals_one_device(sp):
+@pytest.mark.parametrize("tp, sp", [(2, False), (2, True), (1, False)], ids=["tp2", "tp2-sp", "dp2"])
+def test_parallel_prompt_equals_one_device(tp, sp):
+    """tp=2 (the prompt's gradient whole on every rank, or summed over the sequence chunks) and dp=2 (two rows
+    each, summed over replicas) against one device on the same weights and batch."""
     single = train_prompt(make_config(), steps=5)
-    for rank in launch(tp_worker, 2, sp):
+    for rank in launch(parallel_worker, 2, tp, sp):
         assert rank["losses"] == pytest.approx(single["losses"], rel=1e-5)
         assert torch.allclose(torch.tensor(rank["prompt"]), single["prompt"], rtol=1e-5, atol=1e-6)
 
