@@ -80,8 +80,13 @@ def cmd_tune(args) -> int:
 
     cfg = _config(args)
     tokenizer = load_tokenizer(cfg)
-    heldout = cfg.data.heldout_cluster
-    excluded = load_registry().excluded_clusters(heldout) if heldout else []
+    heldout, registry = cfg.data.heldout_cluster, load_registry()
+    excluded = registry.excluded_clusters(heldout) if heldout else []
+    if cfg.data.train_clusters:  # run.json lists every cluster the mixture leaves out
+        from flan.mixture import eligible_tasks
+
+        trained = {t.cluster for t in eligible_tasks(registry, heldout or None, cfg.data.train_clusters)}
+        excluded = [c for c in registry.clusters if c not in trained]
     # The mixture packs global batches: each data-parallel rank takes its block of rows.
     _print_summary(train(cfg, lambda c, rank, size: RankSlice(TuningStream(c, tokenizer), rank, size), kind="tune",
                          heldout_clusters=excluded))

@@ -158,7 +158,8 @@ def add_eval_commands(subparsers) -> None:
                                        "(default: the config's eval.templates)")
     p.add_argument("--limit", type=int, help="validation examples per dataset, dev and test halves together")
     p.add_argument("--out", help="output folder (default: <tuned run>/eval)")
-    p.add_argument("--prompt", help="soft prompt (prompt.safetensors from flan prompt-tune) for the --checkpoint model")
+    p.add_argument("--prompt", help="soft prompt (prompt.safetensors from flan prompt-tune) for the --checkpoint "
+                                    "model; the --base model runs without it")
     p.set_defaults(func=_guarded(cmd_eval))
 
     p = subparsers.add_parser("export-hf", help="write a checkpoint as a transformers Llama folder")

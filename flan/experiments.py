@@ -97,8 +97,9 @@ def load_experiment(name: str, folder: Path = EXPERIMENTS_DIR) -> dict:
 
 def training_datasets(registry: Registry, heldout: str, train_clusters: tuple[str, ...] = ()) -> list[str]:
     """The datasets a tune step's mixture may hold (the mixture's own rule, before local availability)."""
-    return sorted(t.name for t in registry.training_tasks(heldout or None)
-                  if not train_clusters or t.cluster in train_clusters)
+    from flan.mixture import eligible_tasks
+
+    return sorted(t.name for t in eligible_tasks(registry, heldout or None, ",".join(train_clusters)))
 
 
 # ---- step builders --------------------------------------------------------------------------------------------
@@ -150,6 +151,7 @@ def _with_local_validation(registry: Registry, clusters: list[str], data_dir: Pa
 
 # ---- the seven expansions -------------------------------------------------------------------------------------
 def expand_heldout_clusters(exp, ctx, registry, data_dir):
+    """Figure 5: one tuning run per evaluation cluster with local data, scored tuned vs base."""
     base = pretrain(ctx)
     steps = [base]
     for c in _with_local_validation(registry, exp["clusters"], data_dir):
@@ -160,6 +162,8 @@ def expand_heldout_clusters(exp, ctx, registry, data_dir):
 
 
 def expand_num_clusters(exp, ctx, registry, data_dir):
+    """Figure 6: the untuned base (k = 0), then tuning on the first k clusters of the order, scored on every
+    held-out cluster."""
     base = pretrain(ctx)
     heldout = exp["heldout"]
     excluded = {x for c in heldout for x in registry.excluded_clusters(c)}
@@ -173,6 +177,7 @@ def expand_num_clusters(exp, ctx, registry, data_dir):
 
 
 def expand_scale(exp, ctx, registry, data_dir):
+    """Figure 7: pretrain, tune and score tuned vs base at every [[sizes]] entry."""
     steps = []
     for size in exp["sizes"]:
         base = pretrain(ctx, size)
@@ -184,6 +189,7 @@ def expand_scale(exp, ctx, registry, data_dir):
 
 
 def expand_templates(exp, ctx, registry, data_dir):
+    """Section 4.4: the base, then one tuning run per templates-per-dataset count."""
     base = pretrain(ctx)
     heldout = [exp["heldout"]]
     steps = [base, evaluate(ctx, exp, "eval-base", base, None, heldout, {"tuned": {"x": 0, "group": "{cluster}"}})]
@@ -194,6 +200,7 @@ def expand_templates(exp, ctx, registry, data_dir):
 
 
 def expand_instructions(exp, ctx, registry, data_dir):
+    """Figure 8: one tuning run per training format, scored in each variant's evaluation format."""
     base = pretrain(ctx)
     steps, tuned = [base], {}
     for variant in exp["variants"]:
@@ -210,6 +217,7 @@ def expand_instructions(exp, ctx, registry, data_dir):
 
 
 def expand_few_shot(exp, ctx, registry, data_dir):
+    """Figure 9: one tuning run, tuned and base scored with each exemplar count."""
     from flan.loaders import has_split
 
     base = pretrain(ctx)
@@ -227,6 +235,8 @@ def expand_few_shot(exp, ctx, registry, data_dir):
 
 
 def expand_prompt_tuning(exp, ctx, registry, data_dir):
+    """Figure 10: per dataset, prompts from the tuned model (its cluster held out) and from the base, with
+    each training-set size, scored with the prompt on validation."""
     base = pretrain(ctx)
     steps, tuned = [base], {}
     for dataset in exp["datasets"]:

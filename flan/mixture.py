@@ -4,9 +4,10 @@
     stream = TuningStream(cfg, tokenizer)                # packed Batches for engine/train.py
     batch = stream.next_batch(); state = stream.state_dict(); stream.load_state_dict(state)
 
-Which datasets: every registry task outside the held-out cluster and the clusters FLAN also excludes
-with it (flan/tasks/_clusters.toml), that has the split locally (or is derived). Datasets without local
-data are listed in `Mixture.missing`.
+Which datasets (`eligible_tasks`): every registry task outside the held-out cluster and the clusters FLAN
+also excludes with it (flan/tasks/_clusters.toml), within data.train_clusters when given, that has the split
+locally (or is derived); data.templates_per_dataset keeps each dataset's first k templates. Datasets without
+local data are listed in `Mixture.missing`.
 
 Rates (Raffel et al.'s examples-proportional mixing, FLAN's cap 3000): with n_d examples in dataset d
 and cap K, rate_d = min(n_d, K) / sum_e min(n_e, K). An epoch takes exactly min(n_d, K) examples of each
@@ -47,6 +48,15 @@ def mixing_rates(sizes: dict[str, int], cap: int) -> dict[str, float]:
     return {name: m / total for name, m in capped.items()}
 
 
+def eligible_tasks(registry: Registry, heldout: str | None, train_clusters: str = "") -> list[TaskSpec]:
+    """The mixture's datasets before local availability: every task outside the held-out cluster and FLAN's
+    exclusions with it, narrowed to the comma list `train_clusters` when given (data.train_clusters)."""
+    chosen = [c.strip() for c in train_clusters.split(",") if c.strip()]
+    for c in chosen:
+        registry.cluster(c)  # an unknown name stops here, listing the known ones
+    return [t for t in registry.training_tasks(heldout) if not chosen or t.cluster in chosen]
+
+
 @dataclass
 class Mixture:
     tasks: list[TaskSpec]             # in the mixture, sorted by name
@@ -67,12 +77,7 @@ class Mixture:
               seed: int, bad_rows: str = "error", templates_dir=TEMPLATES_DIR, train_clusters: str = "",
               templates_per_dataset: int = 0, instruction_format: str = "flan") -> "Mixture":
         tasks, missing, rows, skipped, templates = [], [], {}, {}, {}
-        chosen = [c.strip() for c in train_clusters.split(",") if c.strip()]
-        for c in chosen:
-            registry.cluster(c)  # an unknown name stops here, listing the known ones
-        for spec in sorted(registry.training_tasks(heldout), key=lambda t: t.name):
-            if chosen and spec.cluster not in chosen:
-                continue
+        for spec in sorted(eligible_tasks(registry, heldout, train_clusters), key=lambda t: t.name):
             if not has_split(spec, split, data_dir):
                 missing.append(spec.name)
                 continue
