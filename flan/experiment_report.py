@@ -98,7 +98,7 @@ def plot(exp: dict, rows: list[dict], path: Path) -> None:
         ax.set_xticks(np.arange(len(xs)) + width * (len(groups) - 1) / 2, [str(x) for x in xs], rotation=20,
                       ha="right")
     ax.set_xlabel(exp.get("x_label", ""))
-    ax.set_ylabel("zero-shot score (%; template mean, ± stderr)")
+    ax.set_ylabel(exp.get("y_label", "zero-shot score (%; template mean, ± stderr)"))
     ax.set_title(exp["title"])
     ax.legend(fontsize=8)
     fig.tight_layout()
