@@ -2,6 +2,7 @@
 
     flan experiment list
     flan experiment run few_shot [configs/tiny.toml] [--scale smoke|tiny|<preset>] [--out runs/experiments/smoke]
+                        [--set shots=[0,8]] [--set 'sizes=[{name="125m", preset="configs/gpu-125m.toml"}]']
 
 `run` executes the experiment's steps in order, each the `flan` command it names (printed before it runs),
 skipping finished ones, and writes OUT/<name>/summary.{json,md,png}. --scale smoke shrinks every step to a
@@ -87,19 +88,20 @@ def resolve_config(config: str | None, scale: str) -> str:
 def cmd_run(args) -> int:
     from engine.paths import shared_data_dir
     from flan.experiment_report import collect, write_summary
-    from flan.experiments import Context, expand, load_experiment
+    from flan.experiments import Context, expand, load_experiment, with_settings
 
     if args.overrides:
         raise ConfigError(f"flan experiment run takes no --section.field overrides (got {args.overrides}); put "
                           "them in CONFIG")
-    exp = load_experiment(args.name)
+    exp = with_settings(load_experiment(args.name), args.set or [])
     config = resolve_config(args.config, args.scale)
     out = Path(args.out or f"runs/experiments/{args.scale}")
     ctx = Context(config, args.scale, out)
     steps = expand(exp, ctx, data_dir=shared_data_dir())
     started = time.perf_counter()
     records, code = run_steps(steps)
-    command = shlex.join(["flan", "experiment", "run", args.name, config, "--scale", args.scale, "--out", str(out)])
+    command = shlex.join(["flan", "experiment", "run", args.name, config, "--scale", args.scale, "--out", str(out),
+                          *(f"--set={item}" for item in args.set or [])])
     paths = write_summary(exp, out / exp["name"], collect(steps), records, command,
                           {"scale": args.scale, "config": config, "wall_s": time.perf_counter() - started,
                            "finished": code == 0})
@@ -118,4 +120,7 @@ def add_experiment_commands(subparsers) -> None:
     r.add_argument("config", nargs="?", help="base TOML config (default: configs/tiny.toml, or configs/<scale>.toml)")
     r.add_argument("--scale", default="tiny", help="smoke (CI: a few steps), tiny, or a preset name under configs/")
     r.add_argument("--out", help="output root (default runs/experiments/<scale>); shared runs go in OUT/runs")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a definition key with a TOML value, e.g. --set shots=[0,8] or "
+                        "--set 'sizes=[{name=\"125m\", preset=\"configs/gpu-125m.toml\"}]' (repeatable)")
     r.set_defaults(func=cmd_run)

@@ -95,6 +95,21 @@ def load_experiment(name: str, folder: Path = EXPERIMENTS_DIR) -> dict:
     return exp
 
 
+def with_settings(exp: dict, settings: list[str]) -> dict:
+    """The definition with `--set KEY=TOML_VALUE` overrides, e.g. shots=[0,8] or heldout="commonsense"."""
+    out = dict(exp)
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in exp or key in ("name", "expand"):
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE with KEY one of "
+                              f"{', '.join(k for k in exp if k not in ('name', 'expand'))}")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--set {item!r}: the value is not TOML ({e}); quote strings: {key}=\"...\"") from None
+    return out
+
+
 def training_datasets(registry: Registry, heldout: str, train_clusters: tuple[str, ...] = ()) -> list[str]:
     """The datasets a tune step's mixture may hold (the mixture's own rule, before local availability)."""
     from flan.mixture import eligible_tasks
@@ -111,7 +126,17 @@ def pretrain(ctx: Context, size: dict | None = None) -> Step:
 
 
 def _model_flags(size: dict | None) -> tuple[str, ...]:
-    return tuple(f"--model.{k}={v}" for k, v in (size or {}).items() if k != "name")
+    """A [[sizes]] entry as --model flags: its own fields, or with `preset` every shape field of that config's
+    [model] (the kernels stay the run's)."""
+    if not size:
+        return ()
+    fields = {k: v for k, v in size.items() if k not in ("name", "preset")}
+    if "preset" in size:
+        from engine.config import load_config
+
+        model = load_config(size["preset"]).model.__dict__
+        fields = {**{k: v for k, v in model.items() if k not in ("attention", "loss")}, **fields}
+    return tuple(f"--model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items())
 
 
 def tune(ctx: Context, base: Step, heldout: str, *, train_clusters: tuple[str, ...] = (), templates: int = 0,

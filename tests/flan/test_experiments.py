@@ -126,3 +126,18 @@ def test_few_shot_runs_end_to_end_at_smoke_scale_and_reuses_its_steps(tmp_path, 
     assert main(argv) == 0  # the second run reuses every finished step
     again = json.loads((tmp_path / "few_shot" / "summary.json").read_text())
     assert all(s["reused"] for s in again["steps"]) and again["rows"] == summary["rows"]
+
+
+def test_settings_override_the_definition_and_sizes_may_name_presets():
+    from engine.config import ConfigError, load_config
+    from flan.experiments import with_settings
+
+    exp = with_settings(load_experiment("scale"), ['sizes=[{name="125m", preset="configs/gpu-125m.toml"}]'])
+    steps = {s.name: s for s in expand(exp, CTX, REGISTRY)}
+    model = load_config("configs/gpu-125m.toml").model
+    assert f"--model.d_model={model.d_model}" in steps["base-125m"].argv
+    assert f"--model.n_layers={model.n_layers}" in steps["tune-nli-125m"].argv
+    few = with_settings(load_experiment("few_shot"), ["shots=[0, 8]"])
+    assert [s.name for s in expand(few, CTX, REGISTRY) if s.kind == "eval"] == ["eval-k0", "eval-k8"]
+    with pytest.raises(ConfigError, match="KEY one of"):
+        with_settings(load_experiment("few_shot"), ["nope=1"])
