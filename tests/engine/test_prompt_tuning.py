@@ -218,3 +218,12 @@ def test_commands_prompt_tune_then_eval_with_a_zero_length_prompt_equal_plain_ev
         return [(r["metric"], r["split"], r["value"]) for r in json.loads((out / "scores.json").read_text())]
 
     assert scores("--prompt", str(tmp_path / "empty.safetensors")) == scores()
+
+
+def test_pipeline_parallelism_is_refused_with_the_flag_named(tmp_path):
+    from engine.config import ConfigError
+
+    cfg = make_config()
+    cfg.parallel.pp = 2
+    with pytest.raises(ConfigError, match="--parallel.pp"):
+        tune_prompt(cfg, tmp_path, lambda c, r, s: Repeat(example_batch()), 4, tmp_path / "p", {})
