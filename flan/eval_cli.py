@@ -93,7 +93,10 @@ def cmd_eval(args) -> int:
         if args.prompt and label == "tuned":  # a soft prompt belongs to the checkpoint it was tuned on
             from engine.prompt_tuning import attach, load_prompt
 
-            attach(model, load_prompt(args.prompt)[0].to(device))
+            prompt, made = load_prompt(args.prompt)
+            if made.get("checkpoint") and Path(made["checkpoint"]).resolve() != step_dir.resolve():
+                print(f"flan eval: warning: --prompt was tuned on {made['checkpoint']}, not {step_dir}", file=sys.stderr)
+            attach(model, prompt.to(device))
         print(f"flan eval: {label} = {step_dir}", file=sys.stderr)
         with autocast(cfg, device):
             rows += evaluate_model(model, tokenizer, specs, cfg, data_dir=data_dir, templates=cfg.eval.templates,

@@ -227,3 +227,20 @@ def test_pipeline_parallelism_is_refused_with_the_flag_named(tmp_path):
     cfg.parallel.pp = 2
     with pytest.raises(ConfigError, match="--parallel.pp"):
         tune_prompt(cfg, tmp_path, lambda c, r, s: Repeat(example_batch()), 4, tmp_path / "p", {})
+
+
+def test_example_rows_hold_one_example_each_from_the_first_k(shared_data):
+    from engine.config import load_config
+    from engine.tokenizer import load_tokenizer
+    from flan.prompt_tune_cli import ExampleRows
+    from flan.registry import load_registry
+
+    cfg = load_config("configs/tiny.toml", ["--train.batch_size=8", "--parallel.tp=2", "--parallel.sp=true"])
+    rows = ExampleRows(cfg, load_tokenizer(cfg), load_registry().get("rte"), examples=3, prompt_length=5)
+    seen = set()
+    for _ in range(3):
+        batch = rows.next_batch()
+        assert batch.tokens.shape[0] == 8 and (batch.tokens.shape[1] + 5) % 2 == 0  # sp splits prompt + row
+        assert set(batch.segment_ids.unique().tolist()) <= {0, 1}  # one example per row
+        seen |= {tuple(r[s == 1].tolist()) for r, s in zip(batch.tokens, batch.segment_ids)}
+    assert len(seen) == 3  # the first 3 of the seeded order, epoch after epoch
