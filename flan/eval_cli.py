@@ -95,7 +95,8 @@ def cmd_eval(args) -> int:
 
             prompt, made = load_prompt(args.prompt)
             if made.get("checkpoint") and Path(made["checkpoint"]).resolve() != step_dir.resolve():
-                print(f"flan eval: warning: --prompt was tuned on {made['checkpoint']}, not {step_dir}", file=sys.stderr)
+                print(f"flan eval: warning: --prompt was tuned on {made['checkpoint']}, not {step_dir}",
+                      file=sys.stderr)
             attach(model, prompt.to(device))
         print(f"flan eval: {label} = {step_dir}", file=sys.stderr)
         with autocast(cfg, device):
