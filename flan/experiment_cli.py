@@ -2,7 +2,7 @@
 
     flan experiment list
     flan experiment run few_shot [configs/tiny.toml] [--scale smoke|tiny|<preset>] [--out runs/experiments/smoke]
-                        [--set shots=[0,8]] [--set 'sizes=[{name="125m", preset="configs/gpu-125m.toml"}]']
+                        [--set shots=[0,8]] [--set 'sizes=[{name="125m", preset="configs/gpu-125m.toml"}]'] [--dry-run]
 
 `run` executes the experiment's steps in order, each the `flan` command it names (printed before it runs),
 skipping finished ones, and writes OUT/<name>/summary.{json,md,png}. --scale smoke shrinks every step to a
@@ -98,6 +98,10 @@ def cmd_run(args) -> int:
     out = Path(args.out or f"runs/experiments/{args.scale}")
     ctx = Context(config, args.scale, out)
     steps = expand(exp, ctx, data_dir=shared_data_dir())
+    if args.dry_run:
+        for step in steps:
+            print(f"[{step.name}] {step_state(step)}: flan {shlex.join(step.argv)}")
+        return 0
     started = time.perf_counter()
     records, code = run_steps(steps)
     command = shlex.join(["flan", "experiment", "run", args.name, config, "--scale", args.scale, "--out", str(out),
@@ -123,4 +127,5 @@ def add_experiment_commands(subparsers) -> None:
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a definition key with a TOML value, e.g. --set shots=[0,8] or "
                         "--set 'sizes=[{name=\"125m\", preset=\"configs/gpu-125m.toml\"}]' (repeatable)")
+    r.add_argument("--dry-run", action="store_true", help="print each step's state (done, resume, new) and command")
     r.set_defaults(func=cmd_run)

@@ -123,6 +123,8 @@ def test_few_shot_runs_end_to_end_at_smoke_scale_and_reuses_its_steps(tmp_path, 
         (m, k) for m in ("FLAN (tuned)", "base") for k in ("zero-shot", "4-shot")}
     assert (tmp_path / "few_shot" / "summary.png").is_file()
     assert "| FLAN (tuned) |" in (tmp_path / "few_shot" / "summary.md").read_text()
+    assert main([*argv, "--dry-run"]) == 0
+    assert "[tune-nli] done: flan tune configs/tiny.toml" in capsys.readouterr().out
     assert main(argv) == 0  # the second run reuses every finished step
     again = json.loads((tmp_path / "few_shot" / "summary.json").read_text())
     assert all(s["reused"] for s in again["steps"]) and again["rows"] == summary["rows"]
