@@ -143,3 +143,22 @@ def test_settings_override_the_definition_and_sizes_may_name_presets():
     assert [s.name for s in expand(few, CTX, REGISTRY) if s.kind == "eval"] == ["eval-k0", "eval-k8"]
     with pytest.raises(ConfigError, match="KEY one of"):
         with_settings(load_experiment("few_shot"), ["nope=1"])
+
+
+def test_step_states_continue_interrupted_training_and_refuse_another_command(tmp_path):
+    import torch
+
+    from engine.checkpoint import save_weights
+    from engine.config import ConfigError
+    from flan.experiment_cli import STEP_FILE, step_state
+
+    ctx = Context("configs/tiny.toml", "smoke", tmp_path)
+    base = expand(load_experiment("few_shot"), ctx, REGISTRY)[0]
+    assert step_state(base) == "new"
+    save_weights(base.folder, 1, {"w": torch.zeros(2)}, {"config": {}}, keep=1)
+    assert step_state(base) == "resume"  # checkpoints without step.json: an interrupted run continues
+    (base.folder / STEP_FILE).write_text(json.dumps({"argv": list(base.argv)}))
+    assert step_state(base) == "done"
+    (base.folder / STEP_FILE).write_text(json.dumps({"argv": ["pretrain", "other.toml"]}))
+    with pytest.raises(ConfigError, match="choose another --out"):
+        step_state(base)
