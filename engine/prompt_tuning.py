@@ -30,13 +30,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from engine.batch import IGNORE_INDEX, Batch
-from engine.optim import lr_at, set_lr
-from engine.parallel import comm
+from engine.checkpoint import apply_model_state, load_model_state
+from engine.config import ConfigError, resolve_auto
+from engine.model import build_model
+from engine.optim import build_optimizer, lr_at, set_lr
+from engine.parallel import comm, init_mesh, parallelize
+from engine.run_log import MetricsLogger, run_record, write_run_record
 
 PROMPT_TENSOR = "prompt"
 PROVENANCE_KEY = "provenance"
@@ -214,15 +219,6 @@ def tune_prompt(cfg, step_dir, make_source, prompt_length: int, out_dir, provena
     rank; collective). `cfg.model` must be the checkpoint's model; `make_source(cfg, dp_rank, dp_size)` yields
     this rank's rows, one example per row. Writes out_dir/metrics.jsonl and run.json (kind "prompt_tune") too.
     Returns the first and last loss and the prompt's path."""
-    from pathlib import Path
-
-    from engine.checkpoint import apply_model_state, load_model_state
-    from engine.config import ConfigError, resolve_auto
-    from engine.model import build_model
-    from engine.optim import build_optimizer
-    from engine.parallel import init_mesh, parallelize
-    from engine.run_log import MetricsLogger, run_record, write_run_record
-
     out_dir, step_dir = Path(out_dir), Path(step_dir)
     if (out_dir / PROMPT_FILE).exists():
         raise ConfigError(f"--out {out_dir}: already holds {PROMPT_FILE}; choose another folder (it is not "
