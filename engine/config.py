@@ -126,6 +126,13 @@ class DataConfig:
     """Cluster left out of instruction tuning and evaluated zero-shot."""
     bad_rows: Literal["error", "skip"] = "error"
     """A malformed dataset row stops with an error naming file and line, or is skipped and counted."""
+    train_clusters: str = ""
+    """Comma list of clusters to instruction-tune on (empty: every cluster outside the held-out exclusions)."""
+    templates_per_dataset: int = 0
+    """Templates per dataset in training, each dataset's first k (0: all of them; FLAN: 10)."""
+    instruction_format: Literal["flan", "none", "dataset_name"] = "flan"
+    """How examples are rendered (training and `flan eval`): FLAN's instruction templates, the inputs alone (no
+    template), or the inputs after a dataset-name prefix like [Translation: WMT'16 Finnish to English]."""
 
 
 @dataclass
@@ -269,6 +276,8 @@ class Config:
         for name in ("input_len", "target_len", "mixture_cap", "tokenizer_sentences"):
             if getattr(d, name) < 1:
                 fail(f"data.{name}", f"is {getattr(d, name)}; it must be at least 1")
+        if d.templates_per_dataset < 0:
+            fail("data.templates_per_dataset", f"is {d.templates_per_dataset}; use 0 (all) or a positive count")
         for name in ("batch_size", "max_new_tokens"):
             if getattr(e, name) < 1:
                 fail(f"eval.{name}", f"is {getattr(e, name)}; it must be at least 1")
