@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import COMPLETE, CheckpointError, apply_model_state, latest_checkpoint, load_meta, load_model_state
+from engine.checkpoint import COMPLETE, apply_model_state, latest_checkpoint, load_meta, load_model_state
 from engine.config import Config, config_from_dict, load_config
+from engine.errors import UsageError
 
 
-class CommandError(ValueError):
+class CommandError(UsageError, ValueError):
     """A command-line argument that cannot be served; the message names it and the fix."""
 
 
@@ -130,22 +131,11 @@ def cmd_import_hf(args) -> int:
 
 
 def _guarded(handler):
-    """Turn the errors that describe a bad argument or input into one message and exit status 2."""
-    from engine.hf import HFError
-    from flan.evaluate import EvalError
-    from flan.loaders import DataError
-    from flan.registry import RegistryError
-    from flan.templates import TemplateError
-
+    """Refuse config overrides where the command takes none; flan/cli.py main() reports the errors."""
     def run(args) -> int:
-        try:
-            if handler is not cmd_eval and args.overrides:
-                raise CommandError(f"{args.command} takes no --section.field overrides (got {args.overrides})")
-            return handler(args)
-        except (CommandError, CheckpointError, HFError, EvalError, DataError, RegistryError, TemplateError,
-                FileNotFoundError) as e:
-            print(f"flan {args.command}: error: {e}", file=sys.stderr)
-            return 2
+        if handler is not cmd_eval and args.overrides:
+            raise CommandError(f"{args.command} takes no --section.field overrides (got {args.overrides})")
+        return handler(args)
     return run
 
 

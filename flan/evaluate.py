@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import Config
+from engine.errors import UsageError
 from flan.loaders import has_split, load_split
 from flan.metrics import generation_metrics, primary_metric, rank_metrics
 from flan.registry import Registry, TaskSpec
@@ -32,7 +33,7 @@ ANSWERS_FIELD = "answers"  # QA rows (natural_questions, trivia_qa) list every a
 SPLIT_SEED = 20220208  # FLAN's ICLR 2022 publication date: any fixed number works
 
 
-class EvalError(ValueError):
+class EvalError(UsageError, ValueError):
     """An evaluation request that cannot be served; the message names the argument and the fix."""
 
 

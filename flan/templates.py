@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from engine.errors import FlanError
 from engine.paths import REPO_ROOT
 from flan.registry import ANSWER_SLOT, OPTIONS_SLOT, TaskSpec, load_registry
 
@@ -32,7 +33,7 @@ TEMPLATES_DIR = REPO_ROOT / "templates"
 ANSWER_TARGET = "{" + ANSWER_SLOT + "}"
 
 
-class TemplateError(ValueError):
+class TemplateError(FlanError, ValueError):
     """A templates file is malformed, or a row cannot be rendered."""
 
 

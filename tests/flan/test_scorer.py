@@ -1,6 +1,5 @@
 """Scorer: shared-prompt option scores equal full-sequence log-likelihoods; generation equals naive greedy;
 evaluation splits, template choice, report summaries and the `flan eval` command end to end."""
-import argparse
 import json
 
 import pytest
@@ -194,13 +193,9 @@ def test_summary_mean_spread_dev_pick_and_cluster_average(tmp_path):
 
 # ---- the command ---------------------------------------------------------------------------------------
 def run_flan(argv):
-    from flan.eval_cli import add_eval_commands
+    from flan.cli import main  # the one place errors become a line and an exit code
 
-    parser = argparse.ArgumentParser(prog="flan")
-    add_eval_commands(parser.add_subparsers(dest="command", required=True))
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = rest
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.fixture(scope="module")
