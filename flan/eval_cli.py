@@ -8,10 +8,15 @@
 `--checkpoint` and `--base` take a run folder (its newest checkpoint) or a step-NNNNNN folder. Each model is
 rebuilt from the config stored in its checkpoint and tokenizes with its own tokenizer; the CONFIG file
 gives the [eval] and [data] settings. `--base auto` compares against the checkpoint the tuned run started
-from (its train.init_from), when it has one. Datasets default to the config's held-out cluster.
+from (the exact step folder its run.json records as init_from), when it has one. Datasets default to the
+clusters the checkpoint was tuned without (its run.json heldout_clusters; the config's held-out cluster when
+it has no run.json); a cluster it was tuned on is refused unless --allow-seen, and then labelled "seen".
+scores.json records the provenance: each checkpoint's step folder, step, commit, config hash and held-out
+clusters (flan/provenance.py), the code's commit and every eval setting.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -46,13 +51,17 @@ def load_model(step_dir: Path, device: torch.device):
     return model.to(device).eval(), load_tokenizer(cfg), cfg
 
 
-def _base_checkpoint(arg: str, tuned_cfg: Config) -> Path | None:
+def _base_checkpoint(arg: str, tuned: dict, tuned_cfg: Config) -> Path | None:
+    """--base: none, a folder, or auto = the exact step folder the tuned run loaded (its run.json init_from;
+    the newest checkpoint of its train.init_from when the run left no run.json)."""
     if arg == "none":
         return None
-    if arg == "auto":
-        start = tuned_cfg.train.init_from
-        return resolve_checkpoint(start, "--base auto (the tuned run's train.init_from)") if start else None
-    return resolve_checkpoint(arg, "--base")
+    if arg != "auto":
+        return resolve_checkpoint(arg, "--base")
+    if tuned["init_from"]:
+        return resolve_checkpoint(tuned["init_from"], f"--base auto ({tuned['run_json']} init_from)")
+    start = tuned_cfg.train.init_from
+    return resolve_checkpoint(start, "--base auto (the tuned run's train.init_from)") if start else None
 
 
 def _progress(total: int, label: str):
@@ -61,10 +70,34 @@ def _progress(total: int, label: str):
     return tqdm(total=total, desc=f"eval {label}", unit="ex", dynamic_ncols=True)
 
 
+def _default_clusters(tuned: dict, cfg: Config) -> list[str]:
+    """The clusters the tuned checkpoint was tuned without (its run.json); the config's held-out cluster for a
+    checkpoint with no tuning record."""
+    from flan.registry import load_registry
+
+    if tuned["kind"] == "tune" and tuned["heldout_clusters"]:
+        return list(tuned["heldout_clusters"])
+    heldout = cfg.data.heldout_cluster
+    return load_registry().excluded_clusters(heldout) if heldout else []
+
+
+def _check_seen(specs, seen: set[str] | None, allow_seen: bool) -> None:
+    touched = sorted({s.cluster for s in specs} & (seen or set()))
+    if touched and not allow_seen:
+        raise CommandError(f"--datasets/--clusters: the checkpoint was tuned on cluster(s) {', '.join(touched)}, "
+                           "so scoring them is not zero-shot; pass --allow-seen to score them anyway (labelled "
+                           "'seen' in every report) or pick held-out clusters")
+    if seen is None:
+        print("flan eval: warning: the checkpoint has no run.json, so which clusters it was tuned on is unknown; "
+              "scores.json records heldout_clusters as null", file=sys.stderr)
+
+
 def cmd_eval(args) -> int:
     from engine.paths import shared_data_dir
+    from engine.run_log import code_version, config_hash
     from engine.train import autocast
     from flan.evaluate import evaluate_model, select_datasets
+    from flan.provenance import checkpoint_info, seen_clusters
     from flan.registry import load_registry
     from flan.report import summarize, write_report
 
@@ -77,27 +110,46 @@ def cmd_eval(args) -> int:
         cfg.eval.limit = args.limit
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     data_dir = shared_data_dir(cfg.data.data_dir or None)
-    specs, missing = select_datasets(load_registry(), data_dir, datasets=args.datasets, clusters=args.clusters,
-                                     default_cluster=cfg.data.heldout_cluster)
+    registry = load_registry()
+    tuned_dir = resolve_checkpoint(args.checkpoint, "--checkpoint")
+    tuned = checkpoint_info(tuned_dir)
+    tuned_cfg = config_from_dict(load_meta(tuned_dir)["config"], f"{tuned_dir} (its stored config)")
+    models = [("tuned", tuned_dir, tuned)]
+    base_dir = _base_checkpoint(args.base, tuned, tuned_cfg)
+    if base_dir is not None:
+        models.append(("base", base_dir, checkpoint_info(base_dir)))
+    seen_lists = [seen_clusters(info, registry) for _, _, info in models]
+    seen = None if any(s is None for s in seen_lists) else {c for s in seen_lists for c in s}
+    specs, missing = select_datasets(registry, data_dir, datasets=args.datasets, clusters=args.clusters,
+                                     default_clusters=_default_clusters(tuned, cfg))
+    _check_seen(specs, seen, args.allow_seen)
     if missing:
         print(f"flan eval: no local validation data for {', '.join(missing)}; skipped", file=sys.stderr)
-    tuned = resolve_checkpoint(args.checkpoint, "--checkpoint")
-    models = [("tuned", tuned)]
-    tuned_cfg = config_from_dict(load_meta(tuned)["config"], f"{tuned} (its stored config)")
-    base = _base_checkpoint(args.base, tuned_cfg)
-    if base is not None:
-        models.append(("base", base))
     rows = []
-    for label, step_dir in models:
+    for label, step_dir, _ in models:
         model, tokenizer, _ = load_model(step_dir, device)
         print(f"flan eval: {label} = {step_dir}", file=sys.stderr)
         with autocast(cfg, device):
             rows += evaluate_model(model, tokenizer, specs, cfg, data_dir=data_dir, templates=cfg.eval.templates,
                                    label=label, progress_factory=_progress)
+    for r in rows:
+        r["seen"] = seen is not None and r["cluster"] in seen
+    commit, dirty = code_version()
+    provenance = {
+        "models": {label: info for label, _, info in models},
+        "code": {"commit": commit, "dirty": dirty},
+        "eval_config": {"path": str(args.config), "overrides": list(args.overrides), "hash": config_hash(cfg),
+                        "eval": dataclasses.asdict(cfg.eval), "input_len": cfg.data.input_len,
+                        "bad_rows": cfg.data.bad_rows, "data_dir": str(data_dir)},
+        "datasets": [s.name for s in specs], "skipped": missing,
+        "clusters": list(dict.fromkeys(s.cluster for s in specs)),
+        "seen_clusters": sorted(seen) if seen is not None else None, "allow_seen": args.allow_seen,
+        "argv": sys.argv[1:],
+    }
     out = Path(args.out) if args.out else Path(tuned_cfg.train.run_dir) / "eval"
     shots = f"{cfg.eval.few_shot}-shot" if cfg.eval.few_shot else "Zero-shot"
-    clusters = ", ".join(dict.fromkeys(s.cluster for s in specs))
-    paths = write_report(summarize(rows), out, title=f"{shots} evaluation ({clusters})")
+    clusters = ", ".join(f"{c} (seen)" if seen and c in seen else c for c in provenance["clusters"])
+    paths = write_report(summarize(rows), out, title=f"{shots} evaluation ({clusters})", provenance=provenance)
     print(paths["markdown"].read_text())
     print("\n".join(f"{kind}: {p}" for kind, p in paths.items()))
     return 0
@@ -148,12 +200,15 @@ def add_eval_commands(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder (newest checkpoint) or step-NNNNNN folder")
     p.add_argument("--base", default="auto",
                    help="second model side by side: auto (the tuned run's train.init_from), none, or a folder")
-    p.add_argument("--datasets", help="comma list of datasets (default: the config's held-out cluster)")
+    p.add_argument("--datasets", help="comma list of datasets (default: the clusters the checkpoint was tuned "
+                                      "without, from its run.json)")
     p.add_argument("--clusters", help="comma list of clusters, e.g. nli,commonsense")
     p.add_argument("--templates", help="all, best (picked on the dev split), or indices like 0,3 "
                                        "(default: the config's eval.templates)")
     p.add_argument("--limit", type=int, help="validation examples per dataset, dev and test halves together")
     p.add_argument("--out", help="output folder (default: <tuned run>/eval)")
+    p.add_argument("--allow-seen", action="store_true",
+                   help="score clusters the checkpoint was tuned on (labelled 'seen' in every report)")
     p.set_defaults(func=_guarded(cmd_eval))
 
     p = subparsers.add_parser("export-hf", help="write a checkpoint as a transformers Llama folder")

@@ -1,6 +1,6 @@
 """Zero-shot (or few-shot) evaluation of one model over datasets and templates: the data-side adapter.
 
-    specs = select_datasets(registry, data_dir, datasets="rte,cb", clusters=None, default_cluster="nli")
+    specs = select_datasets(registry, data_dir, datasets="rte,cb", clusters=None, default_clusters=["nli"])
     rows = evaluate_model(model, tokenizer, specs, cfg, data_dir=..., templates="all", label="tuned")
 
 Dev split rule (the shared data has train and validation only): a dataset's validation rows are shuffled
@@ -41,15 +41,15 @@ def _names(arg: str | None) -> list[str]:
 
 
 def select_datasets(registry: Registry, data_dir: Path, *, datasets: str | None, clusters: str | None,
-                    default_cluster: str) -> tuple[list[TaskSpec], list[str]]:
-    """The datasets asked for (names, clusters, or the held-out cluster) that have validation data here,
-    and the names of those asked for that have none."""
+                    default_clusters: list[str]) -> tuple[list[TaskSpec], list[str]]:
+    """The datasets asked for (names, clusters, or else `default_clusters`: those the checkpoint was tuned
+    without) that have validation data here, and the names of those asked for that have none."""
     if datasets and clusters:
         raise EvalError("--datasets and --clusters both given; pick datasets by name or by cluster, not both")
     if datasets:
         asked = [registry.get(n) for n in _names(datasets)]
     else:
-        asked = [t for c in (_names(clusters) or [default_cluster]) for t in registry.in_cluster(c)]
+        asked = [t for c in (_names(clusters) or default_clusters) for t in registry.in_cluster(c)]
     present = [t for t in asked if has_split(t, "validation", data_dir)]
     missing = [t.name for t in asked if t not in present]
     if not present:

@@ -1,7 +1,10 @@
 """Evaluation reports: per-template score rows summarised, written as JSON, a markdown table and a plot.
 
     rows = summarize(rows)                        # adds template "mean" and "best" rows, and cluster rows
-    write_report(rows, out_dir)                   # scores.json, scores.md, heldout.png
+    write_report(rows, out_dir, title, provenance)  # scores.json, scores.md, heldout.png
+
+A row whose cluster the model was tuned on carries seen=True (flan eval --allow-seen); every table row,
+plot label and cluster average built from it says "(seen)".
 
 Summaries, from the test-split rows of each (model, dataset, metric):
   template "mean"  the mean over templates; `spread` is their standard deviation (the template
@@ -37,6 +40,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (model, dataset, metric), group in _group(test, "model", "dataset", "metric").items():
         values = [r["value"] for r in group]
         base = {k: group[0][k] for k in ("model", "dataset", "cluster", "split", "metric", "primary")}
+        base["seen"] = any(r.get("seen") for r in group)
         out.append(dict(base, template="mean", value=float(np.mean(values)), spread=float(np.std(values)),
                         n=group[0]["n"], templates=len(group),
                         stderr=math.sqrt(sum(r["stderr"] ** 2 for r in group)) / len(group)))
@@ -52,8 +56,13 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "metric": "/".join(sorted({r["metric"] for r in group})), "primary": True,
                     "value": float(np.mean([r["value"] for r in group])), "n": sum(r["n"] for r in group),
                     "stderr": math.sqrt(sum(r["stderr"] ** 2 for r in group)) / len(group),
-                    "datasets": sorted(r["dataset"] for r in group)})
+                    "datasets": sorted(r["dataset"] for r in group), "seen": any(r.get("seen") for r in group)})
     return out
+
+
+def _seen(label: str, row: dict | None) -> str:
+    """A name with " (seen)" when the model was tuned on it: scoring it was not zero-shot."""
+    return f"{label} (seen)" if row and row.get("seen") else label
 
 
 def _models(rows) -> list[str]:
@@ -69,7 +78,7 @@ def markdown_table(rows: list[dict]) -> str:
     clusters = [r for r in rows if r["dataset"] == ALL_DATASETS]
     for (cluster, metric), _ in _group(clusters, "cluster", "metric").items():
         cells = [find.get((m, ALL_DATASETS, metric, "mean")) for m in models]
-        lines.append(f"| {cluster} | {metric} | " + " | ".join(
+        lines.append(f"| {_seen(cluster, next(c for c in cells if c))} | {metric} | " + " | ".join(
             f"{c['value']:.1f} ± {c['stderr']:.1f}" if c else "–" for c in cells) + " |")
     lines += ["", "## Datasets (test split; mean ± spread over templates; best = template picked on dev)", "",
               "| dataset | cluster | metric | " + " | ".join(f"{m} mean | {m} best" for m in models) + " |",
@@ -82,7 +91,8 @@ def markdown_table(rows: list[dict]) -> str:
             cells.append(f"{mean['value']:.1f} ± {mean['spread']:.1f} ({mean['templates']}t, n={mean['n']})"
                          if mean else "–")
             cells.append(f"{best['value']:.1f} (t{best['picked']})" if best else "–")
-        lines.append(f"| {dataset} | {cluster} | {metric} | " + " | ".join(cells) + " |")
+        seen = next(r for r in means if (r["dataset"], r["metric"]) == (dataset, metric))
+        lines.append(f"| {_seen(dataset, seen)} | {_seen(cluster, seen)} | {metric} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,10 +105,13 @@ def plot_heldout(rows: list[dict], path: Path, title: str) -> None:
 
     models = _models(rows)
     means = [r for r in rows if r["template"] == "mean" and r.get("primary") and r["split"] == "test"]
-    labels = list(dict.fromkeys(
-        (r["dataset"] if r["dataset"] != ALL_DATASETS else f"{r['cluster']} (avg)") for r in
-        sorted(means, key=lambda r: (r["cluster"], r["dataset"] == ALL_DATASETS, r["dataset"]))))
-    by = {(r["model"], r["dataset"] if r["dataset"] != ALL_DATASETS else f"{r['cluster']} (avg)"): r for r in means}
+
+    def label(r):
+        return _seen(r["dataset"] if r["dataset"] != ALL_DATASETS else f"{r['cluster']} (avg)", r)
+
+    ordered = sorted(means, key=lambda r: (r["cluster"], r["dataset"] == ALL_DATASETS, r["dataset"]))
+    labels = list(dict.fromkeys(label(r) for r in ordered))
+    by = {(r["model"], label(r)): r for r in means}
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(labels) + 2), 4))
     for k, m in enumerate(models):
@@ -115,12 +128,14 @@ def plot_heldout(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[dict], out_dir: str | Path, title: str = "Zero-shot evaluation") -> dict:
-    """scores.json (all rows), scores.md and heldout.png under out_dir; returns their paths."""
+def write_report(rows: list[dict], out_dir: str | Path, title: str = "Zero-shot evaluation",
+                 provenance: dict | None = None) -> dict:
+    """scores.json ({"provenance": what was scored and how, "rows": all rows}), scores.md and heldout.png under
+    out_dir; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "scores.json", "markdown": out_dir / "scores.md", "plot": out_dir / "heldout.png"}
-    paths["json"].write_text(json.dumps(rows, indent=1))
+    paths["json"].write_text(json.dumps({"provenance": provenance or {}, "rows": rows}, indent=1))
     paths["markdown"].write_text(f"# {title}\n\n" + markdown_table(rows))
     plot_heldout(rows, paths["plot"], title)
     return paths

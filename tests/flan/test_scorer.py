@@ -187,7 +187,7 @@ def test_summary_mean_spread_dev_pick_and_cluster_average(tmp_path):
     cluster = get[("tuned", ALL_DATASETS, "mean")]
     assert cluster["value"] == 55.0 and cluster["datasets"] == ["cb", "rte"]
     paths = write_report(out, tmp_path)
-    saved = json.loads(paths["json"].read_text())
+    saved = json.loads(paths["json"].read_text())["rows"]
     assert all({"dataset", "cluster", "template", "metric", "value", "n", "stderr"} <= set(r) for r in saved)
     assert "| nli | acc | 55.0" in paths["markdown"].read_text() and paths["plot"].stat().st_size > 0
 
@@ -224,7 +224,7 @@ def test_eval_command_writes_scores_for_tuned_and_base(tiny_run, tmp_path, capsy
                      "--datasets", "rte,common_gen", "--templates", "0,1", "--limit", "4", "--out", str(out),
                      "--eval.max_new_tokens=3"])
     assert code == 0
-    rows = json.loads((out / "scores.json").read_text())
+    rows = json.loads((out / "scores.json").read_text())["rows"]
     tuned = {(r["dataset"], r["metric"]) for r in rows if r["model"] == "tuned" and r["template"] == "mean"}
     assert {("rte", "acc"), ("rte", "acc_norm_byte"), ("common_gen", "rougeL")} <= tuned
     same = [(a["value"], b["value"]) for a in rows for b in rows if a["model"] == "tuned" and b["model"] == "base"
