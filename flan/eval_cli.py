@@ -11,6 +11,7 @@ gives the [eval] and [data] settings. `--base auto` compares against the checkpo
 from (the exact step folder its run.json records as init_from), when it has one. Datasets default to the
 clusters the checkpoint was tuned without (its run.json heldout_clusters; the config's held-out cluster when
 it has no run.json); a cluster it was tuned on is refused unless --allow-seen, and then labelled "seen".
+Per-example logs go to <out>/samples/<dataset>.jsonl (flan/samples.py) unless --no-samples.
 scores.json records the provenance: each checkpoint's step folder, step, commit, config hash and held-out
 clusters (flan/provenance.py), the code's commit and every eval setting.
 """
@@ -100,6 +101,7 @@ def cmd_eval(args) -> int:
     from flan.provenance import checkpoint_info, seen_clusters
     from flan.registry import load_registry
     from flan.report import summarize, write_report
+    from flan.samples import write_samples
 
     cfg = load_config(args.config, args.overrides)
     if args.templates:
@@ -125,14 +127,14 @@ def cmd_eval(args) -> int:
     _check_seen(specs, seen, args.allow_seen)
     if missing:
         print(f"flan eval: no local validation data for {', '.join(missing)}; skipped", file=sys.stderr)
-    rows = []
+    rows, samples = [], (None if args.no_samples else [])
     for label, step_dir, _ in models:
         model, tokenizer, _ = load_model(step_dir, device)
         print(f"flan eval: {label} = {step_dir}", file=sys.stderr)
         with autocast(cfg, device):
             rows += evaluate_model(model, tokenizer, specs, cfg, data_dir=data_dir, templates=cfg.eval.templates,
-                                   label=label, progress_factory=_progress)
-    for r in rows:
+                                   label=label, progress_factory=_progress, samples=samples)
+    for r in rows + (samples or []):
         r["seen"] = seen is not None and r["cluster"] in seen
     commit, dirty = code_version()
     provenance = {
@@ -150,6 +152,9 @@ def cmd_eval(args) -> int:
     shots = f"{cfg.eval.few_shot}-shot" if cfg.eval.few_shot else "Zero-shot"
     clusters = ", ".join(f"{c} (seen)" if seen and c in seen else c for c in provenance["clusters"])
     paths = write_report(summarize(rows), out, title=f"{shots} evaluation ({clusters})", provenance=provenance)
+    if samples is not None:
+        write_samples(samples, out / "samples")
+        paths["samples"] = out / "samples"
     print(paths["markdown"].read_text())
     print("\n".join(f"{kind}: {p}" for kind, p in paths.items()))
     return 0
@@ -207,6 +212,8 @@ def add_eval_commands(subparsers) -> None:
                                        "(default: the config's eval.templates)")
     p.add_argument("--limit", type=int, help="validation examples per dataset, dev and test halves together")
     p.add_argument("--out", help="output folder (default: <tuned run>/eval)")
+    p.add_argument("--no-samples", action="store_true",
+                   help="skip the per-example logs (<out>/samples/<dataset>.jsonl, written by default)")
     p.add_argument("--allow-seen", action="store_true",
                    help="score clusters the checkpoint was tuned on (labelled 'seen' in every report)")
     p.set_defaults(func=_guarded(cmd_eval))

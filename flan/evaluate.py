@@ -12,7 +12,10 @@ each "prompt\\ntarget", joined and followed by the test prompt with EXEMPLAR_SEP
 all its accepted answers (`answers`) is scored against each of them when the template targets `{answer}`.
 
 The result is a list of score rows: {model, dataset, cluster, template, split, metric, value, n, stderr,
-primary} (primary marks the dataset's headline metric, flan.metrics.primary_metric).
+primary, truncated, examples, per_example} (primary marks the dataset's headline metric,
+flan.metrics.primary_metric; truncated counts prompts cut to input_len; examples and per_example, the
+example ids and each one's value, feed the clustered intervals of flan/report.py and are not written to
+scores.json; corpus BLEU rows carry texts and references instead of per_example).
 """
 from __future__ import annotations
 
@@ -22,8 +25,9 @@ import numpy as np
 
 from engine.config import Config
 from flan.loaders import has_split, load_split
-from flan.metrics import generation_metrics, primary_metric, rank_metrics
+from flan.metrics import generation_metrics, generation_per_example, primary_metric, rank_metrics, rank_per_example
 from flan.registry import Registry, TaskSpec
+from flan.samples import sample_records
 from flan.scorer import EvalRequest, score_requests
 from flan.templates import label_index, load_templates, render_template
 
@@ -112,15 +116,19 @@ def build_requests(spec: TaskSpec, rows: list[dict], row_ids: list[int], templat
     return out
 
 
-def request_metrics(spec: TaskSpec, requests: list[EvalRequest], results: list) -> dict:
+def request_metrics(spec: TaskSpec, requests: list[EvalRequest], results: list) -> tuple[dict, dict]:
+    """The metrics of one template's requests, and each mean metric's per-example values (request order)."""
     if requests[0].options is not None:
-        return rank_metrics(results, [r.gold for r in requests])
-    return generation_metrics(spec.metric, [r.text for r in results], [r.references for r in requests])
+        golds = [r.gold for r in requests]
+        return rank_metrics(results, golds), rank_per_example(results, golds)
+    preds, refs = [r.text for r in results], [r.references for r in requests]
+    return generation_metrics(spec.metric, preds, refs), generation_per_example(spec.metric, preds, refs)
 
 
 def evaluate_model(model, tokenizer, specs: list[TaskSpec], cfg: Config, *, data_dir: Path, templates: str,
-                   label: str, progress_factory=None) -> list[dict]:
-    """Score rows for every dataset and template: dev rows (for the pick) and test rows (for the report)."""
+                   label: str, progress_factory=None, samples: list | None = None) -> list[dict]:
+    """Score rows for every dataset and template: dev rows (for the pick) and test rows (for the report).
+    Per-example records (flan/samples.py) are appended to `samples` when it is a list."""
     ev = cfg.eval
     jobs = []  # (spec, validation rows, train rows, dev ids, test ids, templates)
     for spec in specs:
@@ -140,12 +148,20 @@ def evaluate_model(model, tokenizer, specs: list[TaskSpec], cfg: Config, *, data
         results = score_requests(model, tokenizer, requests, batch_size=ev.batch_size, input_len=cfg.data.input_len,
                                  max_new_tokens=ev.max_new_tokens,
                                  stops=(EXEMPLAR_SEPARATOR,) if ev.few_shot else (), progress=bar)
-        metrics = request_metrics(spec, requests, results)
+        metrics, per_example = request_metrics(spec, requests, results)
         primary = primary_metric(spec.metric, requests[0].options is not None)
+        examples = [r.example for r in requests]
         for name, s in metrics.items():
-            out.append({"model": label, "dataset": spec.name, "cluster": spec.cluster, "template": t,
-                        "split": split, "metric": name, "value": s.value, "n": s.n, "stderr": s.stderr,
-                        "primary": name == primary})
+            row = {"model": label, "dataset": spec.name, "cluster": spec.cluster, "template": t, "split": split,
+                   "metric": name, "value": s.value, "n": s.n, "stderr": s.stderr, "primary": name == primary,
+                   "truncated": sum(r.truncated for r in results), "examples": examples}
+            if name in per_example:
+                row["per_example"] = per_example[name]
+            else:  # corpus BLEU: the report resamples the texts themselves
+                row["texts"], row["references"] = [r.text for r in results], [r.references[0] for r in requests]
+            out.append(row)
+        if samples is not None:
+            samples.extend(sample_records(label, spec, split, requests, results, per_example))
         return metrics[primary].value
 
     for spec, rows, train, dev, test, chosen in jobs:

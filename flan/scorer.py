@@ -49,6 +49,8 @@ class RankResult:
     logprobs: tuple[float, ...]   # summed log-probability of each option
     n_tokens: tuple[int, ...]
     n_bytes: tuple[int, ...]
+    prompt_tokens: int = 0        # after the cut to input_len
+    truncated: bool = False       # whether the prompt was cut (its first tokens dropped)
 
     @property
     def prediction(self) -> int:
@@ -67,6 +69,8 @@ class RankResult:
 class GenResult:
     text: str
     tokens: tuple[int, ...]
+    prompt_tokens: int = 0
+    truncated: bool = False
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -132,9 +136,12 @@ def option_logprobs(model, contexts: Sequence[Sequence[int]], options: Sequence[
     return out_lists
 
 
-def _prompt_ids(tokenizer, prompts: list[str], input_len: int) -> list[list[int]]:
-    """Instruction tuning's input rule: the last input_len ids, or one BOS for an empty prompt."""
-    return [ids[-input_len:] if ids else [tokenizer.bos_id] for ids in tokenizer.encode_batch(prompts)]
+def _prompt_ids(tokenizer, prompts: list[str], input_len: int) -> tuple[list[list[int]], list[bool]]:
+    """Instruction tuning's input rule: the last input_len ids, or one BOS for an empty prompt; and whether
+    each prompt was cut."""
+    encoded = tokenizer.encode_batch(prompts)
+    return ([ids[-input_len:] if ids else [tokenizer.bos_id] for ids in encoded],
+            [len(ids) > input_len for ids in encoded])
 
 
 def _batches(order: list[int], size: int) -> Iterable[list[int]]:
@@ -145,7 +152,7 @@ def _batches(order: list[int], size: int) -> Iterable[list[int]]:
 def rank_classify(model, tokenizer, requests: Sequence[EvalRequest], *, batch_size: int, input_len: int,
                   progress=None) -> list[RankResult]:
     """Score every option of every request; results in request order."""
-    contexts = _prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
+    contexts, cut = _prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
     unique = sorted({o for r in requests for o in r.options})
     option_ids = dict(zip(unique, tokenizer.encode_batch(unique)))
     order = sorted(range(len(requests)), key=lambda i: -len(contexts[i]))  # similar lengths pad less
@@ -155,7 +162,8 @@ def rank_classify(model, tokenizer, requests: Sequence[EvalRequest], *, batch_si
         scored = option_logprobs(model, [contexts[i] for i in chunk], opts, tokenizer.pad_id)
         for i, lp, ids in zip(chunk, scored, opts):
             results[i] = RankResult(tuple(lp), tuple(len(x) for x in ids),
-                                    tuple(len(o.encode("utf-8")) for o in requests[i].options))
+                                    tuple(len(o.encode("utf-8")) for o in requests[i].options),
+                                    len(contexts[i]), cut[i])
         if progress is not None:
             progress.update(len(chunk))
     return results
@@ -198,7 +206,7 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 def generate(model, tokenizer, requests: Sequence[EvalRequest], *, batch_size: int, input_len: int,
              max_new_tokens: int, stops: Sequence[str] = (), progress=None) -> list[GenResult]:
     """Greedy generations for requests without options; results in request order."""
-    prompts = _prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
+    prompts, cut = _prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
     order = sorted(range(len(requests)), key=lambda i: -len(prompts[i]))
     stop_at = (lambda ids: any(s in tokenizer.decode(ids) for s in stops if s)) if stops else None
     results: list[GenResult | None] = [None] * len(requests)
@@ -206,7 +214,8 @@ def generate(model, tokenizer, requests: Sequence[EvalRequest], *, batch_size: i
         outs = greedy_generate(model, [prompts[i] for i in chunk], eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                max_new_tokens=max_new_tokens, stop_at=stop_at)
         for i, ids in zip(chunk, outs):
-            results[i] = GenResult(cut_at_stop(tokenizer.decode(ids), stops).strip(), tuple(ids))
+            results[i] = GenResult(cut_at_stop(tokenizer.decode(ids), stops).strip(), tuple(ids), len(prompts[i]),
+                                   cut[i])
         if progress is not None:
             progress.update(len(chunk))
     return results

@@ -53,7 +53,8 @@ def test_eval_defaults_to_heldout_clusters_and_records_provenance(runs, tmp_path
     tuned, first = runs
     out = tmp_path / "eval"
     assert run_flan(["eval", "configs/tiny.toml", "--checkpoint", str(tuned), "--templates", "0", "--limit", "2",
-                     "--out", str(out)]) == 0
+                     "--out", str(out), "--no-samples"]) == 0
+    assert not (out / "samples").exists()
     saved = json.loads((out / "scores.json").read_text())
     prov = saved["provenance"]
     assert set(prov["clusters"]) <= {"nli", "paraphrase"} and "nli" in prov["clusters"]
