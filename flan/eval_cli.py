@@ -17,14 +17,15 @@ clusters (flan/provenance.py), the code's commit and every eval setting.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
-from engine.checkpoint import COMPLETE, CheckpointError, apply_model_state, latest_checkpoint, load_meta, load_model_state
-from engine.config import Config, config_from_dict, load_config
+from engine.checkpoint import COMPLETE, CheckpointError, latest_checkpoint, load_meta
+from engine.config import Config, config_from_dict, load_config, resolve_auto
 
 
 class CommandError(ValueError):
@@ -41,15 +42,30 @@ def resolve_checkpoint(path: str | Path, flag: str) -> Path:
     return step
 
 
-def load_model(step_dir: Path, device: torch.device):
-    """The model and tokenizer of a checkpoint, from the config it was saved with."""
+def eval_run_config(step_cfg: Config, cfg: Config) -> Config:
+    """How a checkpoint runs here: its own model and tokenizer, the eval config's [parallel] layout and
+    train.device, eval.precision as the autocast precision; every "auto" resolved for this device."""
+    run = copy.deepcopy(step_cfg)
+    run.parallel = copy.deepcopy(cfg.parallel)
+    run.train.device, run.train.precision = cfg.train.device, cfg.eval.precision
+    return resolve_auto(run.validate("flan eval (the checkpoint's config with the eval layout)"))
+
+
+def load_layout(step_dir: Path, cfg: Config, mesh=None):
+    """The checkpoint laid out for this rank (each rank reads only its slices of the weights), its tokenizer
+    and stored config, and the mesh (made on the first call, then shared by every model scored)."""
+    from engine.checkpoint import load_checkpoint
     from engine.model import build_model
+    from engine.parallel import init_mesh, parallelize
     from engine.tokenizer import load_tokenizer
 
-    cfg = config_from_dict(load_meta(step_dir)["config"], f"{step_dir} (its stored config)")
-    model = build_model(cfg.model, cfg.train.seed)
-    apply_model_state(model, load_model_state(step_dir), step_dir)
-    return model.to(device).eval(), load_tokenizer(cfg), cfg
+    step_cfg = config_from_dict(load_meta(step_dir)["config"], f"{step_dir} (its stored config)")
+    run = eval_run_config(step_cfg, cfg)
+    mesh = mesh or init_mesh(run)
+    model = build_model(run.model, run.train.seed, device="cpu").eval()
+    layout = parallelize(model.to(mesh.device), run, mesh)
+    load_checkpoint(step_dir, layout, None)
+    return layout, load_tokenizer(step_cfg), step_cfg, mesh
 
 
 def _base_checkpoint(arg: str, tuned: dict, tuned_cfg: Config) -> Path | None:
@@ -96,7 +112,6 @@ def _check_seen(specs, seen: set[str] | None, allow_seen: bool) -> None:
 def cmd_eval(args) -> int:
     from engine.paths import shared_data_dir
     from engine.run_log import code_version, config_hash
-    from engine.train import autocast
     from flan.evaluate import evaluate_model, select_datasets
     from flan.provenance import checkpoint_info, seen_clusters
     from flan.registry import load_registry
@@ -110,7 +125,6 @@ def cmd_eval(args) -> int:
         if args.limit < 0:
             raise CommandError(f"--limit {args.limit}: use 0 (all examples) or a positive count")
         cfg.eval.limit = args.limit
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     data_dir = shared_data_dir(cfg.data.data_dir or None)
     registry = load_registry()
     tuned_dir = resolve_checkpoint(args.checkpoint, "--checkpoint")
@@ -127,13 +141,20 @@ def cmd_eval(args) -> int:
     _check_seen(specs, seen, args.allow_seen)
     if missing:
         print(f"flan eval: no local validation data for {', '.join(missing)}; skipped", file=sys.stderr)
-    rows, samples = [], (None if args.no_samples else [])
-    for label, step_dir, _ in models:
-        model, tokenizer, _ = load_model(step_dir, device)
-        print(f"flan eval: {label} = {step_dir}", file=sys.stderr)
-        with autocast(cfg, device):
-            rows += evaluate_model(model, tokenizer, specs, cfg, data_dir=data_dir, templates=cfg.eval.templates,
-                                   label=label, progress_factory=_progress, samples=samples)
+    rows, samples, mesh = [], (None if args.no_samples else []), None
+    for label, step_dir, info in models:
+        layout, tokenizer, step_cfg, mesh = load_layout(step_dir, cfg, mesh)
+        info["input_len"] = step_cfg.data.input_len  # prompts are cut to what the checkpoint was tuned with
+        info["layout"], info["precision"] = layout.summary(), layout.cfg.train.precision
+        if mesh.is_logging_rank:
+            print(f"flan eval: {label} = {step_dir}", file=sys.stderr)
+        rows += evaluate_model(layout, tokenizer, specs, cfg, data_dir=data_dir, templates=cfg.eval.templates,
+                               label=label, input_len=step_cfg.data.input_len, samples=samples,
+                               progress_factory=_progress if mesh.is_logging_rank else None)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if not mesh.is_logging_rank:
+        return 0
     for r in rows + (samples or []):
         r["seen"] = seen is not None and r["cluster"] in seen
     commit, dirty = code_version()
@@ -141,7 +162,7 @@ def cmd_eval(args) -> int:
         "models": {label: info for label, _, info in models},
         "code": {"commit": commit, "dirty": dirty},
         "eval_config": {"path": str(args.config), "overrides": list(args.overrides), "hash": config_hash(cfg),
-                        "eval": dataclasses.asdict(cfg.eval), "input_len": cfg.data.input_len,
+                        "eval": dataclasses.asdict(cfg.eval), "parallel": dataclasses.asdict(cfg.parallel),
                         "bad_rows": cfg.data.bad_rows, "data_dir": str(data_dir)},
         "datasets": [s.name for s in specs], "skipped": missing,
         "clusters": list(dict.fromkeys(s.cluster for s in specs)),

@@ -1,7 +1,7 @@
 """Zero-shot (or few-shot) evaluation of one model over datasets and templates: the data-side adapter.
 
     specs = select_datasets(registry, data_dir, datasets="rte,cb", clusters=None, default_clusters=["nli"])
-    rows = evaluate_model(model, tokenizer, specs, cfg, data_dir=..., templates="all", label="tuned")
+    rows = evaluate_model(layout, tokenizer, specs, cfg, data_dir=..., templates="all", label="tuned", input_len=1024)
 
 Dev split rule (the shared data has train and validation only): a dataset's validation rows are shuffled
 with a fixed seed and cut to `limit`; the first half is the dev split, used only to pick the best template,
@@ -28,7 +28,8 @@ from flan.loaders import has_split, load_split
 from flan.metrics import generation_metrics, generation_per_example, primary_metric, rank_metrics, rank_per_example
 from flan.registry import Registry, TaskSpec
 from flan.samples import sample_records
-from flan.scorer import EvalRequest, score_requests
+from flan.layout_scorer import score_with_layout
+from flan.scorer import EvalRequest
 from flan.templates import label_index, load_templates, render_template
 
 EXEMPLAR_SEPARATOR = "\n\n"
@@ -125,10 +126,11 @@ def request_metrics(spec: TaskSpec, requests: list[EvalRequest], results: list) 
     return generation_metrics(spec.metric, preds, refs), generation_per_example(spec.metric, preds, refs)
 
 
-def evaluate_model(model, tokenizer, specs: list[TaskSpec], cfg: Config, *, data_dir: Path, templates: str,
-                   label: str, progress_factory=None, samples: list | None = None) -> list[dict]:
-    """Score rows for every dataset and template: dev rows (for the pick) and test rows (for the report).
-    Per-example records (flan/samples.py) are appended to `samples` when it is a list."""
+def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, data_dir: Path, templates: str,
+                   label: str, input_len: int, progress_factory=None, samples: list | None = None) -> list[dict]:
+    """Score rows for every dataset and template: dev rows (for the pick) and test rows (for the report), on
+    any layout (flan/layout_scorer.py), prompts cut to their last `input_len` tokens. Per-example records
+    (flan/samples.py) are appended to `samples` when it is a list."""
     ev = cfg.eval
     jobs = []  # (spec, validation rows, train rows, dev ids, test ids, templates)
     for spec in specs:
@@ -145,9 +147,9 @@ def evaluate_model(model, tokenizer, specs: list[TaskSpec], cfg: Config, *, data
 
     def run(spec, rows, train, ids, t, split) -> float:
         requests = build_requests(spec, rows, ids, t, few_shot=ev.few_shot, train_rows=train)
-        results = score_requests(model, tokenizer, requests, batch_size=ev.batch_size, input_len=cfg.data.input_len,
-                                 max_new_tokens=ev.max_new_tokens,
-                                 stops=(EXEMPLAR_SEPARATOR,) if ev.few_shot else (), progress=bar)
+        results = score_with_layout(layout, tokenizer, requests, batch_size=ev.batch_size, input_len=input_len,
+                                    max_new_tokens=ev.max_new_tokens,
+                                    stops=(EXEMPLAR_SEPARATOR,) if ev.few_shot else (), progress=bar)
         metrics, per_example = request_metrics(spec, requests, results)
         primary = primary_metric(spec.metric, requests[0].options is not None)
         examples = [r.example for r in requests]

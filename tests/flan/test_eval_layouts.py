@@ -71,3 +71,37 @@ def test_deal_covers_every_request_once_with_balanced_work(work, ranks):
     assert all(s == sorted(s) for s in shares)
     loads = [sum(work[i] for i in s) for s in shares]
     assert not work or max(loads) - min(loads) <= max(work)  # greedy longest-first: within one request
+
+
+def eval_command_worker(argv: list[str]) -> int:
+    from tests.flan.test_scorer import run_flan
+
+    return run_flan(argv)
+
+
+def test_flan_eval_under_tp2_pp2_writes_the_one_device_scores(tmp_path, shared_data):
+    import json
+
+    from engine.checkpoint import save_weights
+    from engine.config import Config, ModelConfig, load_config
+    from engine.model import build_model
+    from engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(load_config("configs/tiny.toml"))
+    cfg = Config(model=ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2,
+                                   head_dim=4, d_ff=32))
+    cfg.data.tokenizer, cfg.train.run_dir = str(tok.path), str(tmp_path / "run")
+    save_weights(tmp_path / "run", 1, build_model(cfg.model, seed=0).state_dict(), {"config": cfg.to_dict()}, keep=1)
+    argv = ["eval", "configs/tiny.toml", "--checkpoint", str(tmp_path / "run"), "--base", "none", "--datasets",
+            "rte,common_gen", "--templates", "0", "--limit", "4", "--eval.max_new_tokens=3", "--train.device=cpu"]
+    assert launch(eval_command_worker, 1, argv + ["--out", str(tmp_path / "one")]) == [0]
+    assert launch(eval_command_worker, 4, argv + ["--out", str(tmp_path / "four"), "--parallel.tp=2",
+                                                  "--parallel.pp=2"], timeout=120) == [0] * 4
+    one, four = (json.loads((tmp_path / d / "scores.json").read_text()) for d in ("one", "four"))
+    assert [(r["dataset"], r["metric"], r["value"]) for r in one["rows"]] == \
+           [(r["dataset"], r["metric"], r["value"]) for r in four["rows"]]
+    assert four["provenance"]["models"]["tuned"]["layout"]["tp"] == 2
+    lines = [(tmp_path / d / "samples" / "rte.jsonl").read_text().splitlines() for d in ("one", "four")]
+    for a, b in zip(*lines):
+        a, b = json.loads(a), json.loads(b)
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-5
