@@ -113,7 +113,7 @@ def build_requests(spec: TaskSpec, rows: list[dict], row_ids: list[int], templat
         prefix = _few_shot_prefix(spec, template, train_rows, few_shot, seed=i) if few_shot else ""
         gold = label_index(spec, rows[i]) if ex.options is not None else None
         out.append(EvalRequest(spec.name, template_index, i, prefix + ex.prompt, ex.target, ex.options, gold,
-                               _also_accepted(spec, template, rows[i])))
+                               _also_accepted(spec, template, rows[i]), ex.delimiter))
     return out
 
 

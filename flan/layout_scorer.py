@@ -25,7 +25,7 @@ import torch
 
 from engine.batch import Batch
 from engine.parallel import comm
-from flan.scorer import (EvalRequest, GenResult, RankResult, gen_result, greedy_generate, option_ids_of,
+from flan.scorer import (EvalRequest, GenResult, RankResult, gen_result, greedy_generate, option_token_ids,
                          option_logprobs, prompt_ids, rank_result, score_requests)
 
 GEN_PAD = -1  # an empty slot of a generated-ids row in the dp sum (token ids are >= 0)
@@ -126,8 +126,9 @@ def _gather(layout, tokenizer, requests, mine: list[int], local: list, *, input_
             ids[i, :len(res.tokens)] = torch.tensor(res.tokens, dtype=torch.int64)
     flat, rows = layout.data_parallel_sum(flat).tolist(), layout.data_parallel_sum(ids).tolist()
     prompts, cut = prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
-    option_ids = option_ids_of(tokenizer, [r for r in requests if r.options is not None])
-    return [rank_result(r, flat[offsets[i]:offsets[i + 1]], option_ids, prompts[i], cut[i]) if r.options is not None
+    ranked = iter(option_token_ids(tokenizer, [r for r in requests if r.options is not None]))
+    option_ids = [next(ranked) if r.options is not None else None for r in requests]
+    return [rank_result(r, flat[offsets[i]:offsets[i + 1]], option_ids[i], prompts[i], cut[i]) if r.options is not None
             else gen_result([t for t in rows[i] if t != GEN_PAD], tokenizer, stops, prompts[i], cut[i])
             for i, r in enumerate(requests)]
 
@@ -138,8 +139,8 @@ def score_with_layout(layout, tokenizer, requests: Sequence[EvalRequest], *, bat
     rank."""
     requests = list(requests)
     prompts = prompt_ids(tokenizer, [r.prompt for r in requests], input_len)[0]
-    option_ids = option_ids_of(tokenizer, [r for r in requests if r.options is not None])
-    work = [len(p) + (sum(len(option_ids[o]) for o in r.options) if r.options is not None else max_new_tokens)
+    ranked = iter(option_token_ids(tokenizer, [r for r in requests if r.options is not None]))
+    work = [len(p) + (sum(len(x) for x in next(ranked)) if r.options is not None else max_new_tokens)
             for p, r in zip(prompts, requests)]
     mine = deal(work, layout.mesh.dp)[layout.mesh.dp_rank]
     parallel = _model_parallel(layout)

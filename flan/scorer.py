@@ -38,6 +38,7 @@ class EvalRequest:
     options: tuple[str, ...] | None = None
     gold: int | None = None
     also_accepted: tuple[str, ...] = ()   # generation: other correct answers (QA rows list several)
+    delimiter: str = ""                   # text between prompt and option (the template's; flan/templates.py)
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -149,15 +150,23 @@ def batches(order: list[int], size: int) -> Iterable[list[int]]:
         yield order[start:start + size]
 
 
-def option_ids_of(tokenizer, requests: Sequence[EvalRequest]) -> dict[str, list[int]]:
-    """Each distinct option's ids (encoded once for all requests)."""
-    unique = sorted({o for r in requests for o in r.options})
-    return dict(zip(unique, tokenizer.encode_batch(unique)))
+def option_token_ids(tokenizer, requests: Sequence[EvalRequest]) -> list[list[list[int]]]:
+    """Each request's options as the ids scored after its prompt: the option's own ids (each distinct option
+    encoded once), or with a template delimiter the ids of (prompt + delimiter + option) past the prompt's."""
+    unique = sorted({o for r in requests if not r.delimiter for o in r.options})
+    own = dict(zip(unique, tokenizer.encode_batch(unique)))
+    out = []
+    for r in requests:
+        if not r.delimiter:
+            out.append([own[o] for o in r.options])
+            continue
+        n = len(tokenizer.encode(r.prompt))
+        out.append([ids[n:] for ids in tokenizer.encode_batch([r.prompt + r.delimiter + o for o in r.options])])
+    return out
 
 
-def rank_result(request: EvalRequest, logprobs, option_ids: dict[str, list[int]], context: list[int],
-                cut: bool) -> RankResult:
-    return RankResult(tuple(logprobs), tuple(len(option_ids[o]) for o in request.options),
+def rank_result(request: EvalRequest, logprobs, ids: list[list[int]], context: list[int], cut: bool) -> RankResult:
+    return RankResult(tuple(logprobs), tuple(len(x) for x in ids),
                       tuple(len(o.encode("utf-8")) for o in request.options), len(context), cut)
 
 
@@ -166,14 +175,13 @@ def rank_classify(model, tokenizer, requests: Sequence[EvalRequest], *, batch_si
     """Score every option of every request with scorer(model, contexts, options, pad_id) (option_logprobs, or
     a layout's: flan/layout_scorer.py); results in request order."""
     contexts, cut = prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
-    option_ids = option_ids_of(tokenizer, requests)
+    option_ids = option_token_ids(tokenizer, requests)
     order = sorted(range(len(requests)), key=lambda i: -len(contexts[i]))  # similar lengths pad less
     results: list[RankResult | None] = [None] * len(requests)
     for chunk in batches(order, batch_size):
-        opts = [[option_ids[o] for o in requests[i].options] for i in chunk]
-        scored = scorer(model, [contexts[i] for i in chunk], opts, tokenizer.pad_id)
+        scored = scorer(model, [contexts[i] for i in chunk], [option_ids[i] for i in chunk], tokenizer.pad_id)
         for i, lp in zip(chunk, scored):
-            results[i] = rank_result(requests[i], lp, option_ids, contexts[i], cut[i])
+            results[i] = rank_result(requests[i], lp, option_ids[i], contexts[i], cut[i])
         if progress is not None:
             progress.update(len(chunk))
     return results
