@@ -112,7 +112,7 @@ def _check_seen(specs, seen: set[str] | None, allow_seen: bool) -> None:
 def cmd_eval(args) -> int:
     from engine.paths import shared_data_dir
     from engine.run_log import code_version, config_hash
-    from flan.evaluate import evaluate_model, select_datasets
+    from flan.evaluate import evaluate_model, include_tasks, select_datasets
     from flan.provenance import checkpoint_info, seen_clusters
     from flan.registry import load_registry
     from flan.report import summarize, write_report
@@ -127,6 +127,8 @@ def cmd_eval(args) -> int:
         cfg.eval.limit = args.limit
     data_dir = shared_data_dir(cfg.data.data_dir or None)
     registry = load_registry()
+    if args.include:
+        registry = include_tasks(registry, Path(args.include))
     tuned_dir = resolve_checkpoint(args.checkpoint, "--checkpoint")
     tuned = checkpoint_info(tuned_dir)
     tuned_cfg = config_from_dict(load_meta(tuned_dir)["config"], f"{tuned_dir} (its stored config)")
@@ -164,7 +166,7 @@ def cmd_eval(args) -> int:
         "eval_config": {"path": str(args.config), "overrides": list(args.overrides), "hash": config_hash(cfg),
                         "eval": dataclasses.asdict(cfg.eval), "parallel": dataclasses.asdict(cfg.parallel),
                         "bad_rows": cfg.data.bad_rows, "data_dir": str(data_dir)},
-        "datasets": [s.name for s in specs], "skipped": missing,
+        "datasets": [s.name for s in specs], "skipped": missing, "include": args.include,
         "clusters": list(dict.fromkeys(s.cluster for s in specs)),
         "seen_clusters": sorted(seen) if seen is not None else None, "allow_seen": args.allow_seen,
         "argv": sys.argv[1:],
@@ -233,6 +235,9 @@ def add_eval_commands(subparsers) -> None:
                                        "(default: the config's eval.templates)")
     p.add_argument("--limit", type=int, help="validation examples per dataset, dev and test halves together")
     p.add_argument("--out", help="output folder (default: <tuned run>/eval)")
+    p.add_argument("--include", metavar="DIR",
+                   help="also read task files from DIR/tasks and their templates from DIR/templates; a task's "
+                        "data may then be a folder inside DIR")
     p.add_argument("--no-samples", action="store_true",
                    help="skip the per-example logs (<out>/samples/<dataset>.jsonl, written by default)")
     p.add_argument("--allow-seen", action="store_true",

@@ -1,5 +1,6 @@
 """Zero-shot (or few-shot) evaluation of one model over datasets and templates: the data-side adapter.
 
+    registry = include_tasks(load_registry(), Path("my_tasks"))   # --include: my_tasks/tasks, my_tasks/templates
     specs = select_datasets(registry, data_dir, datasets="rte,cb", clusters=None, default_clusters=["nli"])
     rows = evaluate_model(layout, tokenizer, specs, cfg, data_dir=..., templates="all", label="tuned", input_len=1024)
 
@@ -19,6 +20,7 @@ scores.json; corpus BLEU rows carry texts and references instead of per_example)
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ import numpy as np
 from engine.config import Config
 from flan.loaders import has_split, load_split
 from flan.metrics import generation_metrics, generation_per_example, primary_metric, rank_metrics, rank_per_example
-from flan.registry import Registry, TaskSpec
+from flan.registry import CLUSTERS_FILE, Registry, TaskSpec, parse_clusters, parse_task
 from flan.samples import sample_records
 from flan.layout_scorer import score_with_layout
 from flan.scorer import EvalRequest
@@ -39,6 +41,38 @@ SPLIT_SEED = 20220208  # FLAN's ICLR 2022 publication date: any fixed number wor
 
 class EvalError(ValueError):
     """An evaluation request that cannot be served; the message names the argument and the fix."""
+
+
+def include_tasks(registry: Registry, folder: Path) -> Registry:
+    """The registry plus the task files of <folder>/tasks (and clusters of its _clusters.toml), whose templates
+    live in <folder>/templates. An included task's `data` may be a folder under <folder> (a relative path
+    that exists there, kept inside it) instead of a name under the data directory."""
+    folder = Path(folder).resolve()
+    tasks_dir = folder / "tasks"
+    if not tasks_dir.is_dir():
+        raise EvalError(f"--include {folder}: no tasks/ folder; put task files in {tasks_dir} and their templates "
+                        f"in {folder / 'templates'}")
+    clusters = dict(registry.clusters)
+    if (tasks_dir / CLUSTERS_FILE).is_file():
+        clusters.update(parse_clusters(tasks_dir / CLUSTERS_FILE))
+    tasks = dict(registry.tasks)
+    for path in sorted(tasks_dir.glob("*.toml")):
+        if path.name.startswith("_"):
+            continue
+        spec = parse_task(path)
+        if spec.name in tasks:
+            raise EvalError(f"--include {path}: dataset {spec.name!r} is already defined by {tasks[spec.name].source}; "
+                            "rename it")
+        if spec.cluster not in clusters:
+            raise EvalError(f"--include {path}: cluster {spec.cluster!r} is unknown; known: {', '.join(clusters)} "
+                            f"(or define it in {tasks_dir / CLUSTERS_FILE})")
+        local = (folder / spec.data).resolve() if spec.data else None
+        if local is not None and local.is_dir():
+            if not local.is_relative_to(folder):
+                raise EvalError(f"--include {path}: data = {spec.data!r} leaves {folder}; keep data inside it")
+            spec = dataclasses.replace(spec, data=str(local))
+        tasks[spec.name] = spec
+    return Registry(tasks, clusters, registry.folder)
 
 
 def _names(arg: str | None) -> list[str]:
