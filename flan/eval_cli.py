@@ -112,7 +112,7 @@ def _check_seen(specs, seen: set[str] | None, allow_seen: bool) -> None:
 def cmd_eval(args) -> int:
     from engine.paths import shared_data_dir
     from engine.run_log import code_version, config_hash
-    from flan.evaluate import evaluate_model, include_tasks, select_datasets
+    from flan.evaluate import default_split, evaluate_model, include_tasks, select_datasets
     from flan.provenance import checkpoint_info, seen_clusters
     from flan.registry import load_registry
     from flan.report import summarize, write_report
@@ -143,6 +143,7 @@ def cmd_eval(args) -> int:
     _check_seen(specs, seen, args.allow_seen)
     if missing:
         print(f"flan eval: no local validation data for {', '.join(missing)}; skipped", file=sys.stderr)
+    split = args.split or default_split(cfg.eval.templates)
     rows, samples, mesh = [], (None if args.no_samples else []), None
     for label, step_dir, info in models:
         layout, tokenizer, step_cfg, mesh = load_layout(step_dir, cfg, mesh)
@@ -151,7 +152,7 @@ def cmd_eval(args) -> int:
         if mesh.is_logging_rank:
             print(f"flan eval: {label} = {step_dir}", file=sys.stderr)
         rows += evaluate_model(layout, tokenizer, specs, cfg, data_dir=data_dir, templates=cfg.eval.templates,
-                               label=label, input_len=step_cfg.data.input_len, samples=samples,
+                               label=label, input_len=step_cfg.data.input_len, split=split, samples=samples,
                                progress_factory=_progress if mesh.is_logging_rank else None)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -166,7 +167,7 @@ def cmd_eval(args) -> int:
         "eval_config": {"path": str(args.config), "overrides": list(args.overrides), "hash": config_hash(cfg),
                         "eval": dataclasses.asdict(cfg.eval), "parallel": dataclasses.asdict(cfg.parallel),
                         "bad_rows": cfg.data.bad_rows, "data_dir": str(data_dir)},
-        "datasets": [s.name for s in specs], "skipped": missing, "include": args.include,
+        "datasets": [s.name for s in specs], "skipped": missing, "include": args.include, "split": split,
         "clusters": list(dict.fromkeys(s.cluster for s in specs)),
         "seen_clusters": sorted(seen) if seen is not None else None, "allow_seen": args.allow_seen,
         "argv": sys.argv[1:],
@@ -174,7 +175,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else Path(tuned_cfg.train.run_dir) / "eval"
     shots = f"{cfg.eval.few_shot}-shot" if cfg.eval.few_shot else "Zero-shot"
     clusters = ", ".join(f"{c} (seen)" if seen and c in seen else c for c in provenance["clusters"])
-    paths = write_report(summarize(rows), out, title=f"{shots} evaluation ({clusters})", provenance=provenance)
+    paths = write_report(summarize(rows, split), out, title=f"{shots} evaluation ({clusters})", provenance=provenance)
     if samples is not None:
         write_samples(samples, out / "samples")
         paths["samples"] = out / "samples"
@@ -235,6 +236,9 @@ def add_eval_commands(subparsers) -> None:
                                        "(default: the config's eval.templates)")
     p.add_argument("--limit", type=int, help="validation examples per dataset, dev and test halves together")
     p.add_argument("--out", help="output folder (default: <tuned run>/eval)")
+    p.add_argument("--split", choices=("test", "dev", "all"),
+                   help="rows reported: the seeded test half (the dev half picks --templates best), the dev half, "
+                        "or all (default: all when --templates names indices, else test)")
     p.add_argument("--include", metavar="DIR",
                    help="also read task files from DIR/tasks and their templates from DIR/templates; a task's "
                         "data may then be a folder inside DIR")

@@ -6,7 +6,8 @@
 
 Dev split rule (the shared data has train and validation only): a dataset's validation rows are shuffled
 with a fixed seed and cut to `limit`; the first half is the dev split, used only to pick the best template,
-and the second half is the test split on which every reported number is measured. FLAN evaluates the
+and the second half is the test split on which every reported number is measured (--split test). --split dev
+reports the dev half, --split all every row (the default when templates are named by index: nothing to pick). FLAN evaluates the
 templates that ask the task itself: "turned around" templates (write a hypothesis for a given answer)
 are left out. Few-shot prompts (FLAN's format) prepend k train exemplars rendered with the same template,
 each "prompt\\ntarget", joined and followed by the test prompt with EXEMPLAR_SEPARATOR. A QA row that lists
@@ -37,6 +38,7 @@ from flan.templates import label_index, load_templates, render_template
 EXEMPLAR_SEPARATOR = "\n\n"
 ANSWERS_FIELD = "answers"  # QA rows (natural_questions, trivia_qa) list every accepted answer here
 SPLIT_SEED = 20220208  # FLAN's ICLR 2022 publication date: any fixed number works
+SPLITS = ("test", "dev", "all")
 
 
 class EvalError(ValueError):
@@ -123,6 +125,20 @@ def dev_test_rows(n_rows: int, limit: int) -> tuple[list[int], list[int]]:
     return order[:half], order[half:]
 
 
+def split_rows(n_rows: int, limit: int, split: str) -> tuple[list[int], list[int]]:
+    """(rows for the dev pick, rows reported) for --split test (dev half, test half), dev (none, dev half) or
+    all (none, every row up to the limit, seeded order)."""
+    if split not in SPLITS:
+        raise EvalError(f"--split {split!r}: use one of {', '.join(SPLITS)}")
+    dev, test = dev_test_rows(n_rows, limit)
+    return {"test": (dev, test), "dev": ([], dev), "all": ([], dev + test)}[split]
+
+
+def default_split(templates: str) -> str:
+    """Templates named by index need no dev pick, so every row is reported; all and best keep the dev half."""
+    return "test" if templates in ("all", "best") else "all"
+
+
 def _few_shot_prefix(spec: TaskSpec, template, train_rows: list[dict], k: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(train_rows), size=min(k, len(train_rows)), replace=False)
@@ -161,9 +177,11 @@ def request_metrics(spec: TaskSpec, requests: list[EvalRequest], results: list) 
 
 
 def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, data_dir: Path, templates: str,
-                   label: str, input_len: int, progress_factory=None, samples: list | None = None) -> list[dict]:
+                   label: str, input_len: int, split: str = "test", progress_factory=None,
+                   samples: list | None = None) -> list[dict]:
     """Score rows for every dataset and template: dev rows (for the pick) and test rows (for the report), on
-    any layout (flan/layout_scorer.py), prompts cut to their last `input_len` tokens. Per-example records
+    any layout (flan/layout_scorer.py), prompts cut to their last `input_len` tokens; `split` names the rows
+    reported (split_rows). Per-example records
     (flan/samples.py) are appended to `samples` when it is a list."""
     ev = cfg.eval
     jobs = []  # (spec, validation rows, train rows, dev ids, test ids, templates)
@@ -172,7 +190,7 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
             raise EvalError(f"--eval.few_shot={ev.few_shot}: dataset {spec.name} has no train split for exemplars")
         rows = load_split(spec, "validation", data_dir=data_dir, bad_rows=cfg.data.bad_rows).rows
         train = load_split(spec, "train", data_dir=data_dir, bad_rows=cfg.data.bad_rows).rows if ev.few_shot else None
-        dev, test = dev_test_rows(len(rows), ev.limit)
+        dev, test = split_rows(len(rows), ev.limit, split)
         jobs.append((spec, rows, train, dev, test, eval_templates(spec, templates)))
     total = sum(len(dev) * len(ts) + len(test) * (1 if templates == "best" else len(ts))
                 for _, _, _, dev, test, ts in jobs)
@@ -200,6 +218,8 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
             samples.extend(sample_records(label, spec, split, requests, results, per_example))
         return metrics[primary].value
 
+    if templates == "best" and split != "test":
+        raise EvalError(f"--templates best needs the dev half to pick on; use --split test (not {split})")
     for spec, rows, train, dev, test, chosen in jobs:
         dev_scores = {t: run(spec, rows, train, dev, t, "dev") for t in chosen} if dev else {}
         if templates == "best":
@@ -209,7 +229,7 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
             chosen = [max(dev_scores, key=lambda t: (dev_scores[t], -t))]
         for t in chosen:
             if test:
-                run(spec, rows, train, test, t, "test")
+                run(spec, rows, train, test, t, split)
     if bar is not None:
         bar.close()
     return out

@@ -6,7 +6,7 @@
 A row whose cluster the model was tuned on carries seen=True (flan eval --allow-seen); every table row,
 plot label and cluster average built from it says "(seen)".
 
-Summaries, from the test-split rows of each (model, dataset, metric):
+Summaries, from the reported split's rows (test by default; dev or all) of each (model, dataset, metric):
   template "mean"  the mean over templates; `spread` is their standard deviation (the template
                    sensitivity FLAN reports); `stderr` is clustered by example, since every template
                    scores the same examples (flan/stats.py; corpus BLEU: a bootstrap over examples that
@@ -76,10 +76,11 @@ def _difference(a: list[dict], b: list[dict]) -> Estimate:
     return _bleu_of_mean([a, b], [1.0, -1.0])
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per-template rows plus the mean, dev-best, per-cluster and paired rows (see the module docstring)."""
-    test = [r for r in rows if r["split"] == "test" and isinstance(r["template"], int)]
-    dev = [r for r in rows if r["split"] == "dev" and r.get("primary")]
+def summarize(rows: list[dict], split: str = "test") -> list[dict]:
+    """Per-template rows plus the mean, dev-best, per-cluster and paired rows (see the module docstring) of the
+    reported split (test, dev or all); the dev pick only when the test split is reported."""
+    test = [r for r in rows if r["split"] == split and isinstance(r["template"], int)]
+    dev = [r for r in rows if r["split"] == "dev" and r.get("primary")] if split == "test" else []
     out = list(rows)
     groups = _group(test, "model", "dataset", "metric")
     for (model, dataset, metric), group in groups.items():
@@ -103,7 +104,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     means = [r for r in out if r["template"] == "mean" and r.get("primary")]
     for (model, cluster), group in _group(means, "model", "cluster").items():
         est = mean_of_independent([Estimate(r["value"], r["stderr"], r["n"]) for r in group])
-        row = {"model": model, "dataset": ALL_DATASETS, "cluster": cluster, "template": "mean", "split": "test",
+        row = {"model": model, "dataset": ALL_DATASETS, "cluster": cluster, "template": "mean", "split": split,
                "metric": "/".join(sorted({r["metric"] for r in group})), "primary": True, "value": est.value,
                "n": est.n, "stderr": est.stderr, "datasets": sorted(r["dataset"] for r in group),
                "seen": any(r.get("seen") for r in group)}
@@ -132,11 +133,16 @@ def _verdict(r: dict) -> str:
     return "tuned higher" if r["value"] > 0 else "base higher"
 
 
+def _reported(rows: list[dict]) -> str:
+    """The split a summary reports (its mean rows')."""
+    return next((r["split"] for r in rows if r["template"] == "mean"), "test")
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Cluster averages, every dataset and metric (mean, 95% interval, spread over templates, dev pick),
     tuned minus base paired by example, and the prompts cut to fit."""
-    models = _models(rows)
-    find = {(r["model"], r["dataset"], r["metric"], r["template"]): r for r in rows if r["split"] == "test"}
+    models, split = _models(rows), _reported(rows)
+    find = {(r["model"], r["dataset"], r["metric"], r["template"]): r for r in rows if r["split"] == split}
     lines = ["Intervals: 95%, value ± 1.96 standard errors, clustered by example (every template scores the same "
              "examples).", "",
              "## Clusters (mean over datasets of the primary metric, templates averaged)", "",
@@ -146,7 +152,7 @@ def markdown_table(rows: list[dict]) -> str:
         cells = [find.get((m, ALL_DATASETS, metric, "mean")) for m in models]
         lines.append(f"| {_seen(cluster, group[0])} | {metric} | " + " | ".join(
             _interval(c) if c else "–" for c in cells) + " |")
-    lines += ["", "## Datasets (test split; mean ± 95% interval, spread = std over templates; best = template "
+    lines += ["", f"## Datasets ({split} split; mean ± 95% interval, spread = std over templates; best = template "
               "picked on dev)", "",
               "| dataset | cluster | metric | " + " | ".join(f"{m} mean | {m} best" for m in models) + " |",
               "|---|---|---|" + "---:|---:|" * len(models)]
@@ -160,7 +166,7 @@ def markdown_table(rows: list[dict]) -> str:
             cells.append(f"{best['value']:.1f} (t{best['picked']})" if best else "–")
         lines.append(f"| {_seen(dataset, group[0])} | {_seen(cluster, group[0])} | {metric} | " + " | ".join(cells)
                      + " |")
-    diffs = [r for r in rows if r["model"] == DIFFERENCE and r["split"] == "test" and r.get("primary")]
+    diffs = [r for r in rows if r["model"] == DIFFERENCE and r["split"] == split and r.get("primary")]
     if diffs:
         lines += ["", "## Tuned − base (primary metric, paired by example; clusters: mean over datasets)", "",
                   "| dataset | cluster | metric | difference ± 95% | verdict |", "|---|---|---|---:|---|"]
@@ -183,7 +189,7 @@ def plot_heldout(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     models = _models(rows)
-    means = [r for r in rows if r["template"] == "mean" and r.get("primary") and r["split"] == "test"
+    means = [r for r in rows if r["template"] == "mean" and r.get("primary") and r["split"] == _reported(rows)
              and r["model"] != DIFFERENCE]
 
     def label(r):

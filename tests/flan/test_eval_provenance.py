@@ -79,3 +79,25 @@ def test_seen_cluster_needs_allow_seen_and_is_labelled(runs, tmp_path, capsys):
     assert "(seen)" in md.splitlines()[0] and "| copa (seen) | commonsense (seen) |" in md
     rows = json.loads((tmp_path / "e" / "scores.json").read_text())["rows"]
     assert rows and all(r["seen"] for r in rows)
+
+
+def test_split_choice_and_truncation_follow_the_checkpoint(tmp_path, shared_data):
+    from engine.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(load_config("configs/tiny.toml"))
+    cfg = Config(model=ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, n_heads=4, n_kv_heads=2,
+                                   head_dim=4, d_ff=32))
+    cfg.data.tokenizer, cfg.data.input_len = str(tok.path), 8  # the checkpoint was tuned on 8-token inputs
+    run = _run(tmp_path / "short", cfg, "pretrain", [1])
+    argv = ["eval", "configs/tiny.toml", "--checkpoint", str(run), "--base", "none", "--datasets", "rte",
+            "--limit", "6", "--no-samples", "--data.input_len=4096"]
+    assert run_flan(argv + ["--templates", "0", "--out", str(tmp_path / "all")]) == 0
+    rows = json.loads((tmp_path / "all" / "scores.json").read_text())["rows"]
+    assert {r["split"] for r in rows} == {"all"} and all(r["n"] == 6 for r in rows)
+    mean = next(r for r in rows if r["template"] == "mean" and r["metric"] == "acc")
+    assert mean["truncated"] == mean["requests"] == 6  # cut to the checkpoint's 8, not the config's 4096
+    assert "tuned rte: 6 of 6 prompts" in (tmp_path / "all" / "scores.md").read_text()
+    assert run_flan(argv + ["--templates", "0", "--split", "dev", "--out", str(tmp_path / "dev")]) == 0
+    rows = json.loads((tmp_path / "dev" / "scores.json").read_text())["rows"]
+    assert {r["split"] for r in rows} == {"dev"} and all(r["n"] == 3 for r in rows)
+    assert run_flan(argv + ["--templates", "best", "--split", "all", "--out", str(tmp_path / "x")]) == 2
