@@ -9,7 +9,7 @@
 #      few minutes), tuned - base paired by example    -> runs/tiny-flan/eval
 #      (scores.json, scores.md, heldout.png, samples/<dataset>.jsonl)
 # Extra --section.field=value flags reach every step (CI shortens the run with --train.steps=5);
-# FLAN_RUNS moves the output folder. Running it again continues from the newest checkpoints (a finished
+# FLAN_RUNS moves the output folder, FLAN_EVAL_ROWS caps the validation rows scored per dataset (500). Running it again continues from the newest checkpoints (a finished
 # run is only re-evaluated).
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 CONFIG="${FLAN_CONFIG:-configs/tiny.toml}"
@@ -20,5 +20,5 @@ python -m flan pretrain "$CONFIG" --train.run_dir="$RUNS/tiny" --train.resume=tr
 # Tuning: fewer steps at a constant rate after a short warm-up (FLAN tuned at a constant rate too).
 python -m flan tune "$CONFIG" --train.run_dir="$RUNS/tiny-flan" --train.init_from="$RUNS/tiny" --train.resume=true \
     --train.steps=150 --optim.schedule=constant --optim.lr=1e-3 --optim.warmup_steps=10 "$@"
-python -m flan eval "$CONFIG" --checkpoint "$RUNS/tiny-flan" --templates 0,1,2 --limit 500 "$@"
+python -m flan eval "$CONFIG" --checkpoint "$RUNS/tiny-flan" --templates 0,1,2 --limit "${FLAN_EVAL_ROWS:-500}" "$@"
 cat "$RUNS/tiny-flan/eval/scores.md"

@@ -1,6 +1,6 @@
 """The scorer on every training layout equals the single-device scorer on the same weights: per-option
 log-likelihoods within 1e-5 (fp32) and the same predictions and greedy generations, under gloo for tp=2 with
-sequence parallelism, pp=2, dp=2 and dp=2 x pp=2 x tp=2; the dp deal balances work and keeps request order."""
+sequence parallelism, pp=2 (pipelined microbatches), dp=2 and dp=2 x pp=2 x tp=2; the dp deal balances work and keeps request order."""
 from __future__ import annotations
 
 import pytest
@@ -55,9 +55,9 @@ def layout_worker(parallel: dict) -> list[str]:
 
 @pytest.mark.parametrize("parallel,world", [
     (dict(tp=2, sp=True), 2),
-    (dict(pp=2), 2),
+    (dict(pp=2, microbatches=3), 2),
     (dict(dp=2), 2),
-    (dict(dp=2, pp=2, tp=2), 8),
+    (dict(dp=2, pp=2, tp=2, microbatches=2), 8),
 ], ids=["tp2-sp", "pp2", "dp2", "dp2-pp2-tp2"])
 def test_every_layout_scores_like_one_device(parallel, world):
     failures = [f for rank in launch(layout_worker, world, parallel, timeout=120) for f in rank]
