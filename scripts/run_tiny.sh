@@ -9,7 +9,8 @@
 #      few minutes), tuned - base paired by example    -> runs/tiny-flan/eval
 #      (scores.json, scores.md, heldout.png, samples/<dataset>.jsonl)
 # Extra --section.field=value flags reach every step (CI shortens the run with --train.steps=5);
-# FLAN_RUNS moves the output folder, FLAN_EVAL_ROWS caps the validation rows scored per dataset (500). Running it again continues from the newest checkpoints (a finished
+# FLAN_RUNS moves the output folder, FLAN_EVAL_ROWS caps the validation rows scored per dataset (500).
+# Running it again continues from the newest checkpoints (a finished
 # run is only re-evaluated).
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 CONFIG="${FLAN_CONFIG:-configs/tiny.toml}"
