@@ -188,6 +188,8 @@ class EvalConfig:
     """Generation length limit."""
     few_shot: int = 0
     """Exemplars from train prepended to each prompt (0 = zero-shot)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast precision of flan eval's forward passes: bf16 on CUDA and fp32 on CPU when auto."""
 
 
 @dataclass

@@ -41,18 +41,11 @@ from engine.info import training_flops_per_token
 from engine.model import build_model
 from engine.optim import lr_at, set_lr
 from engine.parallel import Layout, Mesh, init_mesh, parallelize
-from engine.parallel.layout import precision_context
 from engine.resume import preflight, resume
 from engine.run_log import MetricsLogger, plot_losses, run_record, write_run_record
 
 MakeSource = Callable[[Config, int, int], BatchSource]
 """make_source(cfg, dp_rank, dp_size): the stream of this data-parallel rank's rows (engine/data_source.py)."""
-
-
-def autocast(cfg: Config, device: torch.device):
-    """The precision context for code that runs the model without a Layout (flan eval): train.precision, its
-    "auto" made for `device` by the config's one rule."""
-    return precision_context(resolve_auto(cfg, cuda_available=device.type == "cuda").train.precision, device)
 
 
 def train_step(layout: Layout, optimizer, rows: Batch, step: int) -> dict:

@@ -12,7 +12,8 @@
     norm = layout.clip_gradients(max_norm)              # global norm over every shard
     optimizer.step()
 
-    # forward only (validation, the scorer): results on every rank of this model replica
+    # forward only (validation, the scorer): results on every rank of this model replica; under pp the rows
+    # run as up to parallel.microbatches pipelined microbatches (forward_microbatches)
     loss_sum = layout.summed_loss(rows)                 # summed token loss of a labelled batch (0-d fp32)
     hidden = layout.hidden_at(rows, row_index, positions)   # final-norm hidden states (N, d_model) fp32
     logits = layout.logits_at(rows, row_index, positions)   # full-vocabulary logits (N, vocab) fp32
@@ -206,7 +207,7 @@ class Layout:
     def summed_loss(self, rows: Batch) -> torch.Tensor:
         """The summed token loss of a labelled batch of this rank's rows, as fp32 0-d on every rank of its model
         replica (tp and pp peers); sum it over dp with data_parallel_sum."""
-        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None) -> torch.Tensor:
+        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None, pick) -> torch.Tensor:
             return chunk(batch, hidden=hidden, loss_reduction="sum").float()
 
         return self._forward_only(rows, finish, ())
@@ -214,34 +215,52 @@ class Layout:
     @torch.no_grad()
     def hidden_at(self, rows: Batch, row_index: torch.Tensor, position_index: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states (N, d_model) fp32 at the (row, position) pairs, on every rank of the replica."""
-        row_index, position_index = row_index.to(self.mesh.device), position_index.to(self.mesh.device)
+        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None, pick) -> torch.Tensor:
+            return chunk(batch, hidden=hidden, return_hidden=True)[pick].float()
 
-        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None) -> torch.Tensor:
-            return chunk(batch, hidden=hidden, return_hidden=True)[row_index, position_index].float()
-
-        return self._forward_only(rows, finish, (len(row_index), self.cfg.model.d_model))
+        return self._forward_only(rows, finish, (len(row_index), self.cfg.model.d_model), (row_index, position_index))
 
     @torch.no_grad()
     def logits_at(self, rows: Batch, row_index: torch.Tensor, position_index: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary (N, vocab) fp32 at the (row, position) pairs, on every rank of the
         replica (the head's slices gathered over tp)."""
-        row_index, position_index = row_index.to(self.mesh.device), position_index.to(self.mesh.device)
+        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None, pick) -> torch.Tensor:
+            return chunk.output(chunk(batch, hidden=hidden, return_hidden=True)[pick]).float()
 
-        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None) -> torch.Tensor:
-            h = chunk(batch, hidden=hidden, return_hidden=True)[row_index, position_index]
-            return chunk.output(h).float()
+        return self._forward_only(rows, finish, (len(row_index), self.cfg.model.vocab_size),
+                                  (row_index, position_index))
 
-        return self._forward_only(rows, finish, (len(row_index), self.cfg.model.vocab_size))
+    def forward_microbatches(self, rows: int) -> int:
+        """Microbatches of a forward-only pass under pp: the most, up to parallel.microbatches, that split the
+        rows evenly (the pipeline moves one activation shape)."""
+        return max(m for m in range(1, self.cfg.parallel.microbatches + 1) if rows % m == 0)
 
-    def _forward_only(self, rows: Batch, finish, shape: tuple[int, ...]) -> torch.Tensor:
-        """`finish` on the last stage's output, then (pp > 1) broadcast from the last pipeline rank."""
+    def _forward_only(self, rows: Batch, finish, shape: tuple[int, ...], pairs=None) -> torch.Tensor:
+        """finish(chunk, batch, hidden, pick) on the last stage's output, `pick` the (row, position) indices of
+        `pairs` inside that batch; under pp over microbatches, pipelined, the results summed (no pairs) or put
+        back in pairs order, then broadcast from the last pipeline rank."""
         rows = rows.to(self.mesh.device)
+        if pairs is not None:
+            pairs = tuple(t.to(self.mesh.device) for t in pairs)
         if self.pipeline is None:
             with self.autocast():
-                return finish(self.model, rows, None)
-        out = run_forward(self.pipeline, rows, finish, autocast=self.autocast)
-        if out is None:
-            out = torch.empty(shape, dtype=torch.float32, device=self.mesh.device)
+                return finish(self.model, rows, None, pairs)
+        count = self.forward_microbatches(rows.tokens.shape[0])
+        size = rows.tokens.shape[0] // count
+        picks, where = [None] * count, None
+        if pairs is not None:
+            owner = torch.div(pairs[0], size, rounding_mode="floor")
+            where = [torch.nonzero(owner == m)[:, 0] for m in range(count)]
+            picks = [(pairs[0][w] - m * size, pairs[1][w]) for m, w in enumerate(where)]
+        calls = iter(picks)
+        outs = run_forward(self.pipeline, split_microbatches(rows, count),
+                           lambda chunk, batch, hidden: finish(chunk, batch, hidden, next(calls)),
+                           autocast=self.autocast)
+        out = torch.empty(shape, dtype=torch.float32, device=self.mesh.device)
+        if outs is not None and pairs is None:
+            out = torch.stack(outs).sum(0)
+        elif outs is not None:
+            out[torch.cat(where)] = torch.cat(outs)
         return comm.broadcast(out.contiguous(), self.mesh.pp_group, src=self.mesh.pp - 1)
 
     # ---- state --------------------------------------------------------------------------------------------
