@@ -46,10 +46,10 @@ class _SeparateBackwardCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target):
         n_rows, n_cols = logits.shape
-        block_v, num_warps = ce._launch_config(n_cols, logits.device)
+        block_v, num_warps = ce.launch_config(n_cols, logits.device)
         stats = torch.empty(4, n_rows, device=logits.device, dtype=torch.float32)
         ce._cross_entropy_statistics_kernel[(n_rows,)](logits, logits.stride(0), target, stats, n_rows, 0, -100,
-                                                       N_COLS=n_cols, BLOCK_V=block_v, num_warps=num_warps)
+                                                       N_COLS=n_cols, BLOCK_V=block_v, SMOOTHING=False, num_warps=num_warps)
         lse = stats[0] + torch.log(stats[1])
         valid = target != -100
         count = valid.sum().clamp(min=1)
@@ -60,12 +60,12 @@ class _SeparateBackwardCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, target, lse, count = ctx.saved_tensors
         n_rows, n_cols = logits.shape
-        block_v, num_warps = ce._launch_config(n_cols, logits.device)
+        block_v, num_warps = ce.launch_config(n_cols, logits.device)
         grad = torch.empty_like(logits)
         scale = (grad_output / count).to(torch.float32).reshape(1)
         ce._cross_entropy_gradient_kernel[(n_rows,)](
             logits, logits.stride(0), grad, grad.stride(0), target, lse, scale, 0, 0, n_cols, -100, 0.0, 0.0,
-            N_COLS=n_cols, BLOCK_V=block_v, num_warps=num_warps)
+            N_COLS=n_cols, BLOCK_V=block_v, SMOOTHING=False, num_warps=num_warps)
         return grad, None
 
 

@@ -200,7 +200,8 @@ class OutputHead(nn.Module):
         if impl == "triton":
             from kernels.cross_entropy import cross_entropy
 
-            return cross_entropy(logits, labels, reduction=reduction)
+            # The logits are read by nothing else: their gradient may overwrite them (1x logits memory).
+            return cross_entropy(logits, labels, reduction=reduction, inplace=True)
         loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
         if reduction == "sum":
             return loss
