@@ -64,10 +64,6 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments) -
                         f"{q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"flash_attention: q, k, v are on {q.device}, {k.device}, {v.device}; put them on one device")
-    if q.device.type not in ("cuda", "meta") and not interpreting():
-        raise RuntimeError(f"flash_attention: tensors are on {q.device}; the Triton kernel needs a CUDA device, or "
-                           f"TRITON_INTERPRET=1 (Triton's slow CPU interpreter, for tests). On CPU use "
-                           f"attention_reference, i.e. the model's attention='torch'")
     if segments is not None:
         if segments.ids.shape != (B, S):
             raise ValueError(f"flash_attention: segment_ids must be an integer (B, S) = ({B}, {S}) tensor; got "
@@ -78,6 +74,15 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments) -
         if t.stride(1) * S >= 2**31:  # in-kernel row offsets are 32-bit; batch and head offsets are 64-bit
             raise ValueError(f"flash_attention: {name} spans {t.stride(1) * S} elements along S, over the 2**31 "
                              f"the kernel's row offsets address; split the batch along S or heads")
+
+
+def _check_device(q: torch.Tensor) -> None:
+    """Called where the kernels are about to run on real tensors (inside the ops, so traced code never
+    reads the interpreter setting)."""
+    if q.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"flash_attention: tensors are on {q.device}; the Triton kernel needs a CUDA device, or "
+                           f"TRITON_INTERPRET=1 (Triton's slow CPU interpreter, for tests). On CPU use "
+                           f"attention_reference, i.e. the model's attention='torch'")
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -164,6 +169,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 @torch.library.custom_op("flan::flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None,
             bounds: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_device(q)
     q, k, v = (aligned(t) for t in (q, k, v))
     return attention_forward(q, k, v, causal=causal, segment_ids=segment_ids, bounds=bounds,
                              softmax_scale=softmax_scale)
