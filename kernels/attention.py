@@ -151,7 +151,8 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  DOT_PRECISION=_dot_precision(q.dtype))
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     scales = (softmax_scale * LOG2E, softmax_scale, triton.next_power_of_2(S))
-    dq_acc = torch.zeros(B, Hq, S, D, dtype=torch.float32, device=q.device) if fused else delta  # delta: unread
+    # The autotuner zeroes DQ_ACC before each timing run (reset_to_zero): unfused, a 1-element dummy.
+    dq_acc = torch.zeros(B, Hq, S, D, dtype=torch.float32, device=q.device) if fused else lse.new_zeros(1)
     attn_bwd_dkdv_kernel[lambda meta: launch_grid(B * Hkv, S, meta["BLOCK_B"])](
         q, k, v, do, dk, dv, lse, delta, dq_acc, seg, bnd, *strides, *dk.stride()[:3],
         S, Hkv, Hq // Hkv, *scales, FUSED_DQ=fused, **flags)
