@@ -229,9 +229,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     deterministic split. Returns (B, S, Hq, D).
     """
     if segment_ids is not None and not isinstance(segment_ids, AttentionSegments):
-        if segment_ids.dim() != 2 or segment_ids.dtype.is_floating_point or segment_ids.dtype == torch.bool:
-            raise ValueError(f"flash_attention: segment_ids must be an integer (B, S) tensor; got "
-                             f"{segment_ids.dtype} {tuple(segment_ids.shape)}")
         segment_ids = attention_segments(segment_ids, causal)
     if segment_ids is not None and segment_ids.causal != causal:
         raise ValueError(f"flash_attention: segments were prepared with causal={segment_ids.causal} but the call "

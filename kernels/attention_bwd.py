@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.attention_configs import AUTOTUNE_KEY, autotune_configs
+from kernels.attention_configs import AUTOTUNE_KEY, autotune_configs, prune_to_head_dim, prune_to_head_dim
 from kernels.attention_tiles import allowed, tile_ranges
 
 
@@ -84,7 +84,7 @@ def _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, se
 
 
 @triton.autotune(configs=autotune_configs("dkdv"), key=AUTOTUNE_KEY + ["FUSED_DQ"],
-                 reset_to_zero=["DQ_ACC"])
+                 prune_configs_by=prune_to_head_dim("dkdv"), reset_to_zero=["DQ_ACC"])
 @triton.jit
 def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, SEG, BOUNDS,
                          stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
@@ -177,7 +177,7 @@ def _dq_steps(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_
     return dq
 
 
-@triton.autotune(configs=autotune_configs("dq"), key=AUTOTUNE_KEY)
+@triton.autotune(configs=autotune_configs("dq"), key=AUTOTUNE_KEY, prune_configs_by=prune_to_head_dim("dq"))
 @triton.jit
 def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEG, BOUNDS,
                        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.attention_configs import AUTOTUNE_KEY, autotune_configs
+from kernels.attention_configs import AUTOTUNE_KEY, autotune_configs, prune_to_head_dim
 from kernels.attention_tiles import allowed, tile_ranges
 
 
@@ -54,7 +54,7 @@ def _fwd_steps(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, s
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=autotune_configs("fwd"), key=AUTOTUNE_KEY)
+@triton.autotune(configs=autotune_configs("fwd"), key=AUTOTUNE_KEY, prune_configs_by=prune_to_head_dim("fwd"))
 @triton.jit
 def attn_fwd_kernel(Q, K, V, O, LSE, SEG, BOUNDS,
                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
