@@ -59,7 +59,10 @@ def measure(cfg, packed: bool, warmup: int, steps: int, peak_tflops: float) -> d
     optimizer = layout.build_optimizer()
     batch = synthetic_batch(cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size, packed, seed=0)
     batch = batch.to(mesh.device)
-    sync = torch.cuda.synchronize if mesh.device.type == "cuda" else (lambda: None)
+    cuda = mesh.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(mesh.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
     for step in range(warmup + steps):
         sync()
@@ -71,7 +74,10 @@ def measure(cfg, packed: bool, warmup: int, steps: int, peak_tflops: float) -> d
     seconds = statistics.median(times)
     tokens = batch.tokens.numel()
     tflops = training_flops_per_token(cfg, seq_len=cfg.data.seq_len)["total"] * tokens / seconds / 1e12
-    peak = torch.cuda.max_memory_allocated(mesh.device) / 2**30 if mesh.device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(mesh.device) / 2**30 if cuda else None
+    del layout, optimizer  # the next kernel choice builds its own model: free this one first
+    if cuda:
+        torch.cuda.empty_cache()
     return dict(step_s=seconds, step_s_min=min(times), step_s_max=max(times), tokens_per_s=tokens / seconds,
                 model_tflops=tflops, mfu=tflops / peak_tflops if peak_tflops else None, peak_gib=peak)
 
