@@ -106,7 +106,7 @@ def cmd_eval(args) -> int:
 def cmd_export_hf(args) -> int:
     from engine.hf import export_hf
 
-    out = export_hf(resolve_checkpoint(args.checkpoint, "CHECKPOINT"), args.out)
+    out = export_hf(resolve_checkpoint(args.checkpoint, "CHECKPOINT"), args.out, force=args.force)
     print(f"{out}: Llama-format folder (config.json, model.safetensors, tokenizer); "
           "load it with transformers.AutoModelForCausalLM.from_pretrained")
     return 0
@@ -115,7 +115,7 @@ def cmd_export_hf(args) -> int:
 def cmd_import_hf(args) -> int:
     from engine.hf import import_hf
 
-    step = import_hf(args.folder, args.out)
+    step = import_hf(args.folder, args.out, dtype=args.dtype, layout=args.layout, trust=args.trust_tokenizer)
     print(f"{step}: imported; instruction-tune it with "
           f"`flan tune {Path(args.out) / 'config.toml'} --train.init_from={args.out}`")
     return 0
@@ -143,6 +143,8 @@ def _guarded(handler):
 
 def add_eval_commands(subparsers) -> None:
     """Register eval, export-hf and import-hf on the `flan` parser's subparsers."""
+    from engine.checkpoint_cli import parse_layout
+
     p = subparsers.add_parser("eval", help="zero-shot evaluation of a checkpoint (tuned against its base)")
     p.add_argument("config", help="TOML config whose [eval] and [data] sections apply, e.g. configs/tiny.toml")
     p.add_argument("--checkpoint", required=True, help="run folder (newest checkpoint) or step-NNNNNN folder")
@@ -158,10 +160,15 @@ def add_eval_commands(subparsers) -> None:
 
     p = subparsers.add_parser("export-hf", help="write a checkpoint as a transformers Llama folder")
     p.add_argument("checkpoint", help="run folder or step-NNNNNN folder")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", help="output folder (new or empty)")
+    p.add_argument("--force", action="store_true", help="replace the model files of a non-empty OUT")
     p.set_defaults(func=_guarded(cmd_export_hf))
 
     p = subparsers.add_parser("import-hf", help="bring a Llama-architecture transformers folder in as a checkpoint")
-    p.add_argument("folder", help="folder with config.json, *.safetensors and tokenizer.model")
-    p.add_argument("out", help="run folder to create (the checkpoint lands in OUT/checkpoints/step-000000)")
+    p.add_argument("folder", help="folder with config.json, *.safetensors and tokenizer.json or tokenizer.model")
+    p.add_argument("out", help="new run folder (the checkpoint lands in OUT/checkpoints/step-000000)")
+    p.add_argument("--dtype", default="float32", help="stored dtype: float32, bfloat16 or float16")
+    p.add_argument("--layout", type=parse_layout, default=None, help="write this layout's shards, e.g. dp=1,pp=1,tp=2")
+    p.add_argument("--trust-tokenizer", default="auto", help="auto, or json/model: the file to use when the "
+                   "folder's tokenizer.json and tokenizer.model disagree")
     p.set_defaults(func=_guarded(cmd_import_hf))
