@@ -45,10 +45,10 @@ def _sentencepiece_backend(sp_model: Path):
     if trainer.model_type == 1:
         model = Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=unk, byte_fallback=trainer.byte_fallback)
     else:
-        from transformers.convert_slow_tokenizer import SentencePieceExtractor
+        from transformers.convert_slow_tokenizer import generate_merges
 
-        vocab, merges = SentencePieceExtractor(str(sp_model)).extract()[:2]
-        model = BPE(vocab, merges, unk_token=proto.pieces[unk].piece, fuse_unk=True,
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+        model = BPE(vocab, generate_merges(vocab), unk_token=proto.pieces[unk].piece, fuse_unk=True,
                     byte_fallback=trainer.byte_fallback)
     tok = Tokenizer(model)
     steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
