@@ -133,8 +133,11 @@ def option_logprobs(model, contexts: Sequence[Sequence[int]], options: Sequence[
 
 
 def _prompt_ids(tokenizer, prompts: list[str], input_len: int) -> list[list[int]]:
-    """Instruction tuning's input rule: the last input_len ids, or one BOS for an empty prompt."""
-    return [ids[-input_len:] if ids else [tokenizer.bos_id] for ids in tokenizer.encode_batch(prompts)]
+    """Instruction tuning's input rule (flan/packing.py's input_window), BOS first where the model adds it."""
+    from flan.packing import input_window
+
+    return [input_window(ids, input_len, tokenizer.bos_id, tokenizer.add_bos)
+            for ids in tokenizer.encode_batch(prompts)]
 
 
 def _batches(order: list[int], size: int) -> Iterable[list[int]]:

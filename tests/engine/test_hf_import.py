@@ -150,3 +150,16 @@ def test_linear_rope_scaling_matches_transformers(tmp_path, folders):
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert ours_cfg.model.rope_scaling == "linear"
     torch.testing.assert_close(logits_of(model, 512), logits_of(hf, 512, hf=True), rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_start_with_bos_where_the_model_adds_it(folders, tmp_path):
+    from flan.packing import encode_pair, input_window
+    from flan.scorer import _prompt_ids
+
+    assert input_window(list(range(10, 20)), 4, 1, add_bos=True) == [1, 17, 18, 19]  # BOS kept when truncating
+    assert input_window([], 4, 1, add_bos=True) == [1] and input_window([5], 1, 1, add_bos=True) == [1]
+    step = import_hf(folders["llama3"], tmp_path / "run")
+    tok = Tokenizer.load(load_meta(step)["config"]["data"]["tokenizer"])
+    auto = transformers.AutoTokenizer.from_pretrained(folders["llama3"])
+    assert _prompt_ids(tok, ["Is it true?"], 64) == [auto.encode("Is it true?")]
+    assert encode_pair(tok, "Is it true?", "yes", input_len=64, target_len=8).tokens[0] == tok.bos_id
