@@ -2,6 +2,7 @@
 
     flan eval configs/tiny.toml --checkpoint runs/tiny-flan [--base auto|DIR|none] [--datasets rte,cb]
               [--clusters nli,commonsense] [--templates all|best|0,3] [--limit N] [--out DIR] [--eval.few_shot=3]
+    flan eval configs/tiny.toml --hf path/to/llama-folder     # a transformers folder (temporary import)
     flan export-hf runs/tiny/checkpoints/step-000400 runs/tiny/hf
     flan import-hf path/to/llama-folder runs/llama
 
@@ -81,7 +82,19 @@ def cmd_eval(args) -> int:
                                      default_cluster=cfg.data.heldout_cluster)
     if missing:
         print(f"flan eval: no local validation data for {', '.join(missing)}; skipped", file=sys.stderr)
-    tuned = resolve_checkpoint(args.checkpoint, "--checkpoint")
+    if bool(args.hf) == bool(args.checkpoint):
+        raise CommandError("give one of --checkpoint (a run or step folder) and --hf (a transformers folder)")
+    if args.hf:  # a transformers folder: imported to a temporary checkpoint, then scored like any other
+        import tempfile
+
+        from engine.hf import import_hf
+
+        scratch = tempfile.TemporaryDirectory(prefix="flan-eval-hf-")
+        tuned = import_hf(args.hf, Path(scratch.name) / "run", trust="json")
+        args.base = "none" if args.base == "auto" else args.base
+        args.out = args.out or str(Path("runs") / f"eval-{Path(args.hf).resolve().name}")
+    else:
+        tuned = resolve_checkpoint(args.checkpoint, "--checkpoint")
     models = [("tuned", tuned)]
     tuned_cfg = config_from_dict(load_meta(tuned)["config"], f"{tuned} (its stored config)")
     base = _base_checkpoint(args.base, tuned_cfg)
@@ -147,7 +160,9 @@ def add_eval_commands(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="zero-shot evaluation of a checkpoint (tuned against its base)")
     p.add_argument("config", help="TOML config whose [eval] and [data] sections apply, e.g. configs/tiny.toml")
-    p.add_argument("--checkpoint", required=True, help="run folder (newest checkpoint) or step-NNNNNN folder")
+    p.add_argument("--checkpoint", help="run folder (newest checkpoint) or step-NNNNNN folder")
+    p.add_argument("--hf", help="a transformers Llama folder to score instead (imported to a temporary checkpoint, "
+                   "tokenized as transformers does); the report goes to runs/eval-<folder name> unless --out")
     p.add_argument("--base", default="auto",
                    help="second model side by side: auto (the tuned run's train.init_from), none, or a folder")
     p.add_argument("--datasets", help="comma list of datasets (default: the config's held-out cluster)")

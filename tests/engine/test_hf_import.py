@@ -163,3 +163,14 @@ def test_inputs_start_with_bos_where_the_model_adds_it(folders, tmp_path):
     auto = transformers.AutoTokenizer.from_pretrained(folders["llama3"])
     assert _prompt_ids(tok, ["Is it true?"], 64) == [auto.encode("Is it true?")]
     assert encode_pair(tok, "Is it true?", "yes", input_len=64, target_len=8).tokens[0] == tok.bos_id
+
+
+def test_cli_import_refusal_and_eval_hf(folders, tmp_path, capsys):
+    from flan.cli import main
+
+    assert main(["import-hf", str(folders["llama2"]), str(tmp_path / "run")]) == 2
+    assert "--trust-tokenizer" in capsys.readouterr().err
+    assert main(["eval", "configs/tiny.toml", "--hf", str(folders["llama3"]), "--datasets", "rte", "--limit", "4",
+                 "--templates", "0", "--out", str(tmp_path / "eval")]) == 0
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert "rte" in json.dumps(scores) and "tuned" in json.dumps(scores)
