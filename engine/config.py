@@ -113,7 +113,8 @@ class DataConfig:
     data_dir: str = ""
     """Folder of datasets and corpus; empty means ../shared/data beside the repo."""
     tokenizer: str = ""
-    """A SentencePiece .model file to use; empty means train one (cached) on the corpus and datasets."""
+    """A tokenizer file to use (SentencePiece .model or tokenizer.json, with a tokenizer_config.json beside it
+    where the model has one); empty means train a SentencePiece model (cached) on the corpus and datasets."""
     tokenizer_cache: str = ".cache/tokenizer"
     """Where trained tokenizers are cached (relative to the repo root unless absolute)."""
     tokenizer_sentences: int = 200000
