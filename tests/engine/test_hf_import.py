@@ -3,6 +3,8 @@
 tokenizer is checked, any layout's shards are written directly, and bad folders are refused by name."""
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +81,31 @@ def test_tp2_import_writes_shards_that_load_to_the_same_logits(folders, tmp_path
     a, b = our_model(whole)[0], our_model(split)[0]
     torch.testing.assert_close(logits_of(a, 512), logits_of(b, 512), rtol=0, atol=0)
     assert config_from_dict(index["config"]).parallel.tp == 2
+
+
+def _tp_logits(step: str) -> list:
+    """Rank's view: the imported tp=2 shards loaded into a real tensor-parallel layout (gloo), its logits."""
+    from engine import checkpoint as ckpt
+    from engine.config import resolve_auto
+    from engine.parallel import init_mesh, parallelize
+
+    cfg = resolve_auto(config_from_dict(load_meta(step)["config"]), cuda_available=False)
+    layout = parallelize(build_model(cfg.model, 7), cfg, init_mesh(cfg))
+    ckpt.load_checkpoint(step, layout, None)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return layout.model(Batch(tokens)).tolist()
+
+
+def test_tp2_shards_load_into_a_tp2_layout_with_transformers_logits(folders, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent / "parallel"))
+    from launch import launch
+
+    split = import_hf(folders["llama2"], tmp_path / "tp2", trust="json", layout={"tp": 2})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folders["llama2"], dtype=torch.float32).eval()
+    expected = logits_of(hf, 512, hf=True)
+    for logits in launch(_tp_logits, 2, str(split)):
+        torch.testing.assert_close(torch.tensor(logits), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_dtype_is_what_was_asked(folders, tmp_path):
