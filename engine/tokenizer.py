@@ -106,7 +106,8 @@ class SentencePieceTokenizer(Tokenizer):
             return i if self.sp.IdToPiece(i) == piece else None
 
         # No pad piece (Llama 2): pad with id 0; padding is masked everywhere it is used.
-        self._specials(special, to_id, {"bos": self.sp.bos_id(), "eos": self.sp.eos_id(), "pad": max(self.sp.pad_id(), 0)})
+        self._specials(special, to_id,
+                       {"bos": self.sp.bos_id(), "eos": self.sp.eos_id(), "pad": max(self.sp.pad_id(), 0)})
         # transformers' LlamaTokenizer (Llama 2, Mistral) adds BOS unless its config says otherwise.
         self.add_bos = bool(special.get("add_bos_token", special.get("tokenizer_class", "").startswith("Llama")))
 

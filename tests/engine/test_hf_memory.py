@@ -22,7 +22,8 @@ def test_import_peak_memory_is_two_tensors(tmp_path):
     tensors = {"model.embed_tokens.weight": torch.randn(VOCAB, D, generator=g), "model.norm.weight": torch.ones(D)}
     for i in range(4):
         p = f"model.layers.{i}."
-        tensors.update({p + "input_layernorm.weight": torch.ones(D), p + "post_attention_layernorm.weight": torch.ones(D),
+        tensors.update({p + "input_layernorm.weight": torch.ones(D),
+                        p + "post_attention_layernorm.weight": torch.ones(D),
                         p + "mlp.gate_proj.weight": torch.randn(64, D, generator=g),
                         p + "mlp.up_proj.weight": torch.randn(64, D, generator=g),
                         p + "mlp.down_proj.weight": torch.randn(D, 64, generator=g)})
