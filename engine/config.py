@@ -131,6 +131,13 @@ class DataConfig:
     """Cluster left out of instruction tuning and evaluated zero-shot."""
     bad_rows: Literal["error", "skip"] = "error"
     """A malformed dataset row stops with an error naming file and line, or is skipped and counted."""
+    train_clusters: str = ""
+    """Comma list of clusters to instruction-tune on (empty: every cluster outside the held-out exclusions)."""
+    templates_per_dataset: int = 0
+    """Templates per dataset in training, each dataset's first k (0: all of them; FLAN: 10)."""
+    instruction_format: Literal["flan", "none", "dataset_name"] = "flan"
+    """How examples are rendered (training and `flan eval`): FLAN's instruction templates, the inputs alone (no
+    template), or the inputs after a dataset-name prefix like [Translation: WMT'16 Finnish to English]."""
 
 
 @dataclass
@@ -245,6 +252,8 @@ class Config:
             fail("optim.min_lr_ratio", f"is {o.min_lr_ratio}; accepted: 0..1")
         if self.data.seq_len < 2:
             fail("data.seq_len", f"is {self.data.seq_len}; it must be at least 2")
+        if self.data.templates_per_dataset < 0:
+            fail("data.templates_per_dataset", f"is {self.data.templates_per_dataset}; use 0 (all) or a positive count")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -80,8 +80,13 @@ def cmd_tune(args) -> int:
 
     cfg = _config(args)
     tokenizer = load_tokenizer(cfg)
-    heldout = cfg.data.heldout_cluster
-    excluded = load_registry().excluded_clusters(heldout) if heldout else []
+    heldout, registry = cfg.data.heldout_cluster, load_registry()
+    excluded = registry.excluded_clusters(heldout) if heldout else []
+    if cfg.data.train_clusters:  # run.json lists every cluster the mixture leaves out
+        from flan.mixture import eligible_tasks
+
+        trained = {t.cluster for t in eligible_tasks(registry, heldout or None, cfg.data.train_clusters)}
+        excluded = [c for c in registry.clusters if c not in trained]
     # The mixture packs global batches: each data-parallel rank takes its block of rows.
     _print_summary(train(cfg, lambda c, rank, size: RankSlice(TuningStream(c, tokenizer), rank, size), kind="tune",
                          heldout_clusters=excluded))
@@ -120,9 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     from engine.plan_cli import add_plan_commands
     from flan.data_cli import add_data_commands
     from flan.eval_cli import add_eval_commands
+    from flan.experiment_cli import add_experiment_commands
+    from flan.prompt_tune_cli import add_prompt_tune_commands
 
     add_data_commands(sub)
     add_eval_commands(sub)
+    add_prompt_tune_commands(sub)
+    add_experiment_commands(sub)
     add_plan_commands(sub)
     add_checkpoint_commands(sub)
     add_pipeline_commands(sub)

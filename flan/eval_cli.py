@@ -103,6 +103,14 @@ def cmd_eval(args) -> int:
     rows = []
     for label, step_dir in models:
         model, tokenizer, _ = load_model(step_dir, device)
+        if args.prompt and label == "tuned":  # a soft prompt belongs to the checkpoint it was tuned on
+            from engine.prompt_tuning import attach, load_prompt
+
+            prompt, made = load_prompt(args.prompt)
+            if made.get("checkpoint") and Path(made["checkpoint"]).resolve() != step_dir.resolve():
+                print(f"flan eval: warning: --prompt was tuned on {made['checkpoint']}, not {step_dir}",
+                      file=sys.stderr)
+            attach(model, prompt.to(device))
         print(f"flan eval: {label} = {step_dir}", file=sys.stderr)
         with autocast(cfg, device):
             rows += evaluate_model(model, tokenizer, specs, cfg, data_dir=data_dir, templates=cfg.eval.templates,
@@ -171,6 +179,8 @@ def add_eval_commands(subparsers) -> None:
                                        "(default: the config's eval.templates)")
     p.add_argument("--limit", type=int, help="validation examples per dataset, dev and test halves together")
     p.add_argument("--out", help="output folder (default: <tuned run>/eval)")
+    p.add_argument("--prompt", help="soft prompt (prompt.safetensors from flan prompt-tune) for the --checkpoint "
+                                    "model; the --base model runs without it")
     p.set_defaults(func=_guarded(cmd_eval))
 
     p = subparsers.add_parser("export-hf", help="write a checkpoint as a transformers Llama folder")

@@ -99,12 +99,13 @@ def _also_accepted(spec: TaskSpec, template, row: dict) -> tuple[str, ...]:
 
 
 def build_requests(spec: TaskSpec, rows: list[dict], row_ids: list[int], template_index: int, *,
-                   few_shot: int = 0, train_rows: list[dict] | None = None) -> list[EvalRequest]:
+                   few_shot: int = 0, train_rows: list[dict] | None = None,
+                   instruction_format: str = "flan") -> list[EvalRequest]:
     """Rendered requests of one template over the given rows (exemplars differ per row, seeded by it)."""
     template = load_templates(spec)[template_index]
     out = []
     for i in row_ids:
-        ex = render_template(spec, template, rows[i])
+        ex = render_template(spec, template, rows[i], instruction_format)
         prefix = _few_shot_prefix(spec, template, train_rows, few_shot, seed=i) if few_shot else ""
         gold = label_index(spec, rows[i]) if ex.options is not None else None
         out.append(EvalRequest(spec.name, template_index, i, prefix + ex.prompt, ex.target, ex.options, gold,
@@ -136,7 +137,8 @@ def evaluate_model(model, tokenizer, specs: list[TaskSpec], cfg: Config, *, data
     out: list[dict] = []
 
     def run(spec, rows, train, ids, t, split) -> float:
-        requests = build_requests(spec, rows, ids, t, few_shot=ev.few_shot, train_rows=train)
+        requests = build_requests(spec, rows, ids, t, few_shot=ev.few_shot, train_rows=train,
+                                  instruction_format=cfg.data.instruction_format)
         results = score_requests(model, tokenizer, requests, batch_size=ev.batch_size, input_len=cfg.data.input_len,
                                  max_new_tokens=ev.max_new_tokens,
                                  stops=(EXEMPLAR_SEPARATOR,) if ev.few_shot else (), progress=bar)

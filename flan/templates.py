@@ -193,8 +193,20 @@ def _fill(parts, values: dict[str, str]) -> str:
     return "".join(literal + values[slot] if slot else literal for literal, slot in parts)
 
 
-def render_template(spec: TaskSpec, template: Template, row: dict) -> RenderedExample:
-    """Fill one template with one row."""
+def bare_inputs(spec: TaskSpec, template: Template, values: dict[str, str], instruction_format: str) -> str:
+    """The FLAN paper's instruction ablations (section 4.3): the template's input fields alone, one per line,
+    without its instruction text ("none"), or after a dataset-name prefix ("dataset_name", e.g. "[Translation:
+    WMT16 en-fi]")."""
+    slots = dict.fromkeys(s for _, s in template.input_parts if s is not None and s != OPTIONS_SLOT)
+    text = "\n".join(values[s] for s in slots)
+    if instruction_format == "dataset_name":
+        return f"[{load_registry().cluster(spec.cluster).title}: {spec.paper_dataset}] {text}"
+    return text
+
+
+def render_template(spec: TaskSpec, template: Template, row: dict,
+                    instruction_format: str = "flan") -> RenderedExample:
+    """Fill one template with one row (data.instruction_format "flan"; "none" and "dataset_name": bare_inputs)."""
     try:
         values = {name: _as_text(row.get(name), spec.fields[name].type) for name in template.slots
                   if name in spec.fields}
@@ -205,8 +217,10 @@ def render_template(spec: TaskSpec, template: Template, row: dict) -> RenderedEx
             values[OPTIONS_SLOT] = options_block(opts)
             if template.has_options:
                 options = tuple(opts)
-        prompt = _fill(template.input_parts, values)
-        if options is not None and OPTIONS_SLOT not in template.slots:
+        bare = instruction_format != "flan"
+        prompt = (bare_inputs(spec, template, values, instruction_format) if bare
+                  else _fill(template.input_parts, values))
+        if options is not None and (bare or OPTIONS_SLOT not in template.slots):
             prompt = f"{prompt}\n\n{values[OPTIONS_SLOT]}"
         return RenderedExample(prompt, _fill(template.target_parts, values), options)
     except (KeyError, ValueError, IndexError, TypeError) as e:
