@@ -55,6 +55,17 @@ class ModelConfig:
     loss: Literal["auto", "torch", "triton", "fused"] = "auto"
     """Cross-entropy: PyTorch, the Triton kernel on logits, the fused output-projection kernel, or auto
     (`resolve_auto`: fused on CUDA, which tensor parallelism runs as the vocab-parallel Triton kernel)."""
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    """Long-context rescaling of the rotary frequencies (an imported model's rope_scaling): none, linear
+    (all divided by rope_factor) or llama3 (low frequencies divided, high kept, blended between)."""
+    rope_factor: float = 1.0
+    """The rescaling factor of rope_scaling linear and llama3."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above rope_original_max_len / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below rope_original_max_len / this are kept."""
+    rope_original_max_len: int = 8192
+    """llama3 scaling: the context length the model was pretrained at."""
 
 
 @dataclass
@@ -109,7 +120,8 @@ class DataConfig:
     data_dir: str = ""
     """Folder of datasets and corpus; empty means ../shared/data beside the repo."""
     tokenizer: str = ""
-    """A SentencePiece .model file to use; empty means train one (cached) on the corpus and datasets."""
+    """A tokenizer file to use (SentencePiece .model or tokenizer.json, with a tokenizer_config.json beside it
+    where the model has one); empty means train a SentencePiece model (cached) on the corpus and datasets."""
     tokenizer_cache: str = ".cache/tokenizer"
     """Where trained tokenizers are cached (relative to the repo root unless absolute)."""
     tokenizer_sentences: int = 200000
@@ -214,6 +226,10 @@ class Config:
         if m.n_heads % m.n_kv_heads:
             fail("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
                  f"choose n_kv_heads among {_divisors(m.n_heads)}")
+        if m.rope_scaling != "none" and (m.rope_factor <= 0 or m.rope_high_freq_factor <= m.rope_low_freq_factor
+                                         or m.rope_original_max_len < 1):
+            fail("model.rope_scaling", f"{m.rope_scaling} needs rope_factor > 0, rope_high_freq_factor > "
+                 "rope_low_freq_factor and rope_original_max_len >= 1")
         if m.head_dim % 2:
             fail("model.head_dim", f"is {m.head_dim}; rotary embeddings need an even head_dim")
         for name in ("tp", "pp", "virtual_stages", "microbatches"):

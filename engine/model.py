@@ -32,10 +32,26 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """The head_dim/2 rotary frequencies, rescaled for long contexts as config.json's rope_scaling says:
+    "linear" divides them all by the factor (position interpolation); "llama3" divides only the low ones
+    (wavelength above original_max_len / low_freq_factor), keeps the high ones (below original_max_len /
+    high_freq_factor) and blends smoothly in between (Llama 3.1's rule)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        low, high, factor = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((cfg.rope_original_max_len / wavelen - low) / (high - low)).clamp(0, 1)
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+def rotary_tables(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (B, S, 1, head_dim/2) for integer positions (B, S)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, S, hd/2)
+    angles = positions.float()[..., None] * rope_frequencies(cfg, positions.device)  # (B, S, hd/2)
     return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
 
@@ -123,7 +139,6 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.rope_theta = cfg.rope_theta
         self.impl = cfg.attention
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -232,7 +247,7 @@ class Transformer(nn.Module):
         positions = batch.positions
         if cache is not None and cache.segment_ids is not None:
             positions = positions + cache_positions(cache, batch)
-        rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rope = rotary_tables(positions, self.cfg)
         masking = attention_masking(batch, self.cfg.attention, cache)
         for name, layer in self.layers.items():
             h = layer(h, rope, masking, cache, name)

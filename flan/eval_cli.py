@@ -2,6 +2,7 @@
 
     flan eval configs/tiny.toml --checkpoint runs/tiny-flan [--base auto|DIR|none] [--datasets rte,cb]
               [--clusters nli,commonsense] [--templates all|best|0,3] [--limit N] [--out DIR] [--eval.few_shot=3]
+    flan eval configs/tiny.toml --hf path/to/llama-folder     # a transformers folder (temporary import)
     flan export-hf runs/tiny/checkpoints/step-000400 runs/tiny/hf
     flan import-hf path/to/llama-folder runs/llama
 
@@ -130,7 +131,19 @@ def cmd_eval(args) -> int:
     registry = load_registry()
     if args.include:
         registry = include_tasks(registry, Path(args.include))
-    tuned_dir = resolve_checkpoint(args.checkpoint, "--checkpoint")
+    if bool(args.hf) == bool(args.checkpoint):
+        raise CommandError("give one of --checkpoint (a run or step folder) and --hf (a transformers folder)")
+    if args.hf:  # a transformers folder: imported to a temporary checkpoint, then scored like any other
+        import tempfile
+
+        from engine.hf import import_hf
+
+        scratch = tempfile.TemporaryDirectory(prefix="flan-eval-hf-")
+        tuned_dir = import_hf(args.hf, Path(scratch.name) / "run", trust="json")
+        args.base = "none" if args.base == "auto" else args.base
+        args.out = args.out or str(Path("runs") / f"eval-{Path(args.hf).resolve().name}")
+    else:
+        tuned_dir = resolve_checkpoint(args.checkpoint, "--checkpoint")
     tuned = checkpoint_info(tuned_dir)
     tuned_cfg = config_from_dict(load_meta(tuned_dir)["config"], f"{tuned_dir} (its stored config)")
     models = [("tuned", tuned_dir, tuned)]
@@ -196,7 +209,7 @@ def cmd_eval(args) -> int:
 def cmd_export_hf(args) -> int:
     from engine.hf import export_hf
 
-    out = export_hf(resolve_checkpoint(args.checkpoint, "CHECKPOINT"), args.out)
+    out = export_hf(resolve_checkpoint(args.checkpoint, "CHECKPOINT"), args.out, force=args.force)
     print(f"{out}: Llama-format folder (config.json, model.safetensors, tokenizer); "
           "load it with transformers.AutoModelForCausalLM.from_pretrained")
     return 0
@@ -205,7 +218,7 @@ def cmd_export_hf(args) -> int:
 def cmd_import_hf(args) -> int:
     from engine.hf import import_hf
 
-    step = import_hf(args.folder, args.out)
+    step = import_hf(args.folder, args.out, dtype=args.dtype, layout=args.layout, trust=args.trust_tokenizer)
     print(f"{step}: imported; instruction-tune it with "
           f"`flan tune {Path(args.out) / 'config.toml'} --train.init_from={args.out}`")
     return 0
@@ -222,9 +235,13 @@ def _guarded(handler):
 
 def add_eval_commands(subparsers) -> None:
     """Register eval, export-hf and import-hf on the `flan` parser's subparsers."""
+    from engine.checkpoint_cli import parse_layout
+
     p = subparsers.add_parser("eval", help="zero-shot evaluation of a checkpoint (tuned against its base)")
     p.add_argument("config", help="TOML config whose [eval] and [data] sections apply, e.g. configs/tiny.toml")
-    p.add_argument("--checkpoint", required=True, help="run folder (newest checkpoint) or step-NNNNNN folder")
+    p.add_argument("--checkpoint", help="run folder (newest checkpoint) or step-NNNNNN folder")
+    p.add_argument("--hf", help="a transformers Llama folder to score instead (imported to a temporary checkpoint, "
+                   "tokenized as transformers does); the report goes to runs/eval-<folder name> unless --out")
     p.add_argument("--base", default="auto",
                    help="second model side by side: auto (the tuned run's train.init_from), none, or a folder")
     p.add_argument("--datasets", help="comma list of datasets (default: the clusters the checkpoint was tuned "
@@ -250,10 +267,15 @@ def add_eval_commands(subparsers) -> None:
 
     p = subparsers.add_parser("export-hf", help="write a checkpoint as a transformers Llama folder")
     p.add_argument("checkpoint", help="run folder or step-NNNNNN folder")
-    p.add_argument("out", help="output folder")
+    p.add_argument("out", help="output folder (new or empty)")
+    p.add_argument("--force", action="store_true", help="replace the model files of a non-empty OUT")
     p.set_defaults(func=_guarded(cmd_export_hf))
 
     p = subparsers.add_parser("import-hf", help="bring a Llama-architecture transformers folder in as a checkpoint")
-    p.add_argument("folder", help="folder with config.json, *.safetensors and tokenizer.model")
-    p.add_argument("out", help="run folder to create (the checkpoint lands in OUT/checkpoints/step-000000)")
+    p.add_argument("folder", help="folder with config.json, *.safetensors and tokenizer.json or tokenizer.model")
+    p.add_argument("out", help="new run folder (the checkpoint lands in OUT/checkpoints/step-000000)")
+    p.add_argument("--dtype", default="float32", help="stored dtype: float32, bfloat16 or float16")
+    p.add_argument("--layout", type=parse_layout, default=None, help="write this layout's shards, e.g. dp=1,pp=1,tp=2")
+    p.add_argument("--trust-tokenizer", default="auto", help="auto, or json/model: the file to use when the "
+                   "folder's tokenizer.json and tokenizer.model disagree")
     p.set_defaults(func=_guarded(cmd_import_hf))

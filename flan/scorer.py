@@ -138,11 +138,14 @@ def option_logprobs(model, contexts: Sequence[Sequence[int]], options: Sequence[
 
 
 def prompt_ids(tokenizer, prompts: list[str], input_len: int) -> tuple[list[list[int]], list[bool]]:
-    """Instruction tuning's input rule: the last input_len ids, or one BOS for an empty prompt; and whether
-    each prompt was cut."""
+    """Instruction tuning's input rule (flan/packing.py's input_window), BOS first where the model adds it; and
+    whether each prompt was cut."""
+    from flan.packing import input_window
+
     encoded = tokenizer.encode_batch(prompts)
-    return ([ids[-input_len:] if ids else [tokenizer.bos_id] for ids in encoded],
-            [len(ids) > input_len for ids in encoded])
+    room = input_len - 1 if tokenizer.add_bos else input_len
+    return ([input_window(ids, input_len, tokenizer.bos_id, tokenizer.add_bos) for ids in encoded],
+            [len(ids) > room for ids in encoded])
 
 
 def batches(order: list[int], size: int) -> Iterable[list[int]]:

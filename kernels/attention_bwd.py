@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.attention_configs import AUTOTUNE_KEY, autotune_configs, prune_to_head_dim, prune_to_head_dim
+from kernels.attention_configs import AUTOTUNE_KEY, autotune_configs, prune_to_head_dim
 from kernels.attention_tiles import allowed, tile_ranges
 
 
