@@ -281,10 +281,12 @@ def precision_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def parallelize(model: Transformer, cfg: Config, mesh: Mesh) -> Layout:
+def parallelize(model: Transformer, cfg: Config, mesh: Mesh, materialize=None) -> Layout:
     """Apply the layout to a single-device model (sliced from its weights, so every layout starts equal), in
     torchtitan's order: tensor parallelism swaps modules, pipeline parallelism deletes the ones other stages
-    hold, data parallelism hooks the remaining parameters' gradients. `cfg` must be resolved (resolve_auto)."""
+    hold, data parallelism hooks the remaining parameters' gradients. `cfg` must be resolved (resolve_auto).
+    A model on the meta device is laid out as is; `materialize(model, tp_dims)` then gives this rank's
+    parameters their values before data parallelism hooks them (engine/build.py's shard-first build)."""
     left = unresolved(cfg)
     if left:
         raise ValueError(f"parallelize: {', '.join(left)} still 'auto'; resolve the config for this device first "
@@ -299,6 +301,8 @@ def parallelize(model: Transformer, cfg: Config, mesh: Mesh) -> Layout:
         log.info("pipeline stage %d of %d: layers %s, schedule %s, %d microbatches", mesh.pp_rank, mesh.pp,
                  [f"{r.start}-{r.stop - 1}" for r in pipeline.layer_ranges], cfg.parallel.schedule,
                  cfg.parallel.microbatches)
+    if materialize is not None:
+        materialize(model, tensor.dims)
     layout = Layout(cfg, mesh, model, tensor, pipeline)
     if mesh.dp > 1:
         # Gradients that need a model-parallel sum first are reduced over dp after it (finish_gradients).
