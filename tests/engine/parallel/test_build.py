@@ -113,3 +113,39 @@ def test_building_one_shard_peaks_at_the_shard_plus_one_tensor():
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["shard"] + m["largest"] < m["whole"]  # the bound is well below building the whole model
     assert m["grown"] <= m["shard"] + m["largest"], m
+
+
+def init_from_worker(saved: str, layouts: list[dict]) -> list[str]:
+    """train.init_from under each layout: every local parameter equals its slice of the saved weights."""
+    from engine import checkpoint as ckpt
+    from engine.parallel import init_mesh
+    from engine.train import build_layout
+
+    want = ckpt.load_model_state(saved)
+    failures = []
+    for parallel in layouts:
+        cfg = make_config({**MODEL, "tie_embeddings": True}, 8, **parallel)
+        cfg.train.init_from = saved
+        layout, where = build_layout(cfg, init_mesh(cfg))
+        specs = layout.shard_specs()
+        for name, p in layout.named_parameters():
+            region = want[specs[name].global_name][tuple(slice(a, b) for a, b in specs[name].box)]
+            if where != saved or not torch.equal(p.detach(), region):
+                failures.append(f"{parallel} rank {layout.mesh.rank}: {name}")
+    return failures
+
+
+def test_init_from_under_another_layout_reads_the_saved_slices(tmp_path):
+    from engine import checkpoint as ckpt
+    from engine.parallel import Mesh, parallelize
+
+    cfg = make_config({**MODEL, "tie_embeddings": True}, 8)
+    layout = parallelize(build_model(cfg.model, 5), cfg, Mesh())
+    with torch.no_grad():  # weights no seed gives, so that nothing but the checkpoint can produce them
+        for p in layout.parameters():
+            p.add_(torch.rand_like(p))
+    saved = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(1, layout, None, {"config": cfg.to_dict()})
+    layouts = [dict(tp=4), dict(tp=2, pp=2, schedule="1f1b", microbatches=2), dict(pp=4, schedule="gpipe",
+                                                                               microbatches=4)]
+    failures = [f for rank in launch(init_from_worker, 4, str(saved), layouts, timeout=180) for f in rank]
+    assert not failures, "\n".join(failures)
