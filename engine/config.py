@@ -74,6 +74,9 @@ class ParallelConfig:
     """ZeRO stage for data parallelism (1 shards the optimizer state)."""
     bucket_mb: float = 25.0
     """Gradient all-reduce bucket size in MiB."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation in backward: "full" keeps each block's input only, "selective" its matmul
+    outputs (the attention core, norms and activations are recomputed)."""
 
 
 @dataclass

@@ -51,6 +51,7 @@ from engine.parallel import comm
 from engine.parallel.data import GradientSync
 from engine.parallel.mesh import Mesh
 from engine.parallel.pipeline import PipelineStages, run_forward, run_schedule, split_microbatches, split_stages
+from engine.parallel.recompute import apply_recompute
 from engine.parallel.specs import ShardSpec, parameter_specs
 from engine.parallel.tensor import TensorParallelShards, apply_tensor_parallel
 from engine.parallel.zero import ZeroAdamW, slice_square_sum
@@ -90,7 +91,8 @@ class Layout:
         return {"dp": self.mesh.dp, "pp": self.mesh.pp, "tp": self.mesh.tp, "sp": p.sp and self.mesh.tp > 1,
                 "virtual_stages": p.virtual_stages if self.mesh.pp > 1 else 1,
                 "schedule": p.schedule if self.mesh.pp > 1 else "none",
-                "microbatches": p.microbatches if self.mesh.pp > 1 else 1, "zero": int(self.zero)}
+                "microbatches": p.microbatches if self.mesh.pp > 1 else 1, "zero": int(self.zero),
+                "recompute": p.recompute}
 
     def autocast(self):
         """The precision context of every forward (train.precision, already resolved)."""
@@ -291,6 +293,7 @@ def parallelize(model: Transformer, cfg: Config, mesh: Mesh, materialize=None) -
     if left:
         raise ValueError(f"parallelize: {', '.join(left)} still 'auto'; resolve the config for this device first "
                          "(engine.config.resolve_auto)")
+    apply_recompute(model, cfg.parallel.recompute)  # first: the later steps see the recomputed blocks
     tensor = TensorParallelShards()
     if mesh.tp > 1:
         tensor = apply_tensor_parallel(model, mesh, cfg.parallel.sp)
