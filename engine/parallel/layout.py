@@ -287,8 +287,9 @@ def parallelize(model: Transformer, cfg: Config, mesh: Mesh, materialize=None) -
     """Apply the layout to a single-device model (sliced from its weights, so every layout starts equal), in
     torchtitan's order: tensor parallelism swaps modules, pipeline parallelism deletes the ones other stages
     hold, data parallelism hooks the remaining parameters' gradients. `cfg` must be resolved (resolve_auto).
-    A model on the meta device is laid out as is; `materialize(model, tp_dims)` then gives this rank's
-    parameters their values before data parallelism hooks them (engine/build.py's shard-first build)."""
+    A model on the meta device is laid out as is; `materialize(model, tp_dims)` then replaces this rank's
+    parameters by real ones before data parallelism hooks them, returning {id(old): new} (engine/build.py's
+    shard-first build)."""
     left = unresolved(cfg)
     if left:
         raise ValueError(f"parallelize: {', '.join(left)} still 'auto'; resolve the config for this device first "
@@ -305,7 +306,10 @@ def parallelize(model: Transformer, cfg: Config, mesh: Mesh, materialize=None) -
                  [f"{r.start}-{r.stop - 1}" for r in pipeline.layer_ranges], cfg.parallel.schedule,
                  cfg.parallel.microbatches)
     if materialize is not None:
-        materialize(model, tensor.dims)
+        new = materialize(model, tensor.dims)
+        tensor.partial_grads = [new.get(id(p), p) for p in tensor.partial_grads]
+        if pipeline is not None and pipeline.tied_weight is not None:
+            pipeline.tied_weight = new.get(id(pipeline.tied_weight), pipeline.tied_weight)
     layout = Layout(cfg, mesh, model, tensor, pipeline)
     if mesh.dp > 1:
         # Gradients that need a model-parallel sum first are reduced over dp after it (finish_gradients).
