@@ -23,7 +23,6 @@ implementations yet, so attention and the loss take the PyTorch paths (model.att
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import os
@@ -45,9 +44,9 @@ _COMM_NAMESPACES = ("c10d", "_c10d_functional")
 class MemoryTracker(TorchDispatchMode):
     """Live bytes of every storage made while active, and a snapshot of the live storages near the peak."""
 
-    SNAPSHOT_STEP = 1e-3
-    """A new snapshot when the live bytes pass the last snapshot's by this fraction (the categories are those
-    of a moment within it of the exact peak; the peak itself is exact)."""
+    SNAPSHOT_STEP = 5e-3
+    """A new breakdown by category when the live bytes pass the last one's by this fraction (so the categories
+    describe a moment within 0.5% of the peak; the peak itself is exact)."""
 
     def __init__(self, fake_scalars: bool = False):
         super().__init__()
@@ -57,10 +56,16 @@ class MemoryTracker(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         self.comm: set[int] = set()
         self.current = self.peak = 0
-        self.snapshot: dict[int, tuple[int, str]] = {}
-        self._snapshot_bytes = 0
+        self.at_peak: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+        self._at_peak_bytes = 0
         self.phase = "forward"
-        """What is running outside autograd's backward: "forward", or "optimizer" (set by the caller)."""
+        """What is running outside autograd's backward: "forward", or "optimizer" (set by the step hooks)."""
+        self._params: list[torch.Tensor] = []
+        self._optimizer = None
+
+    def watch(self, params, optimizer=None) -> None:
+        """The parameters (and optimizer) whose storages, gradients and state the categories name."""
+        self._params, self._optimizer = list(params), optimizer
 
     def track(self, t: torch.Tensor) -> int:
         storage = t.untyped_storage()
@@ -72,25 +77,40 @@ class MemoryTracker(TorchDispatchMode):
             self.current += storage.nbytes()
             if self.current > self.peak:
                 self.peak = self.current
-                if self.current > self._snapshot_bytes * (1 + self.SNAPSHOT_STEP):
-                    self.snapshot, self._snapshot_bytes = dict(self.live), self.current
+                if self.current > self._at_peak_bytes * (1 + self.SNAPSHOT_STEP):
+                    self.at_peak, self._at_peak_bytes = self._categories(), self.current
         return key
+
+    def _categories(self) -> dict[str, int]:
+        """The live bytes by category now (storage ids are only unique among live objects: sorted here)."""
+        ids = lambda tensors: {id(t.untyped_storage()) for t in tensors}  # noqa: E731
+        roles = [("weights", ids(self._params)), ("gradients", ids(p.grad for p in self._params if p.grad is not None)),
+                 ("optimizer_state", ids(optimizer_tensors(self._optimizer)) if self._optimizer else set()),
+                 ("comm_buffers", self.comm)]
+        out = dict.fromkeys(CATEGORIES, 0)
+        for key, (nbytes, phase) in self.live.items():
+            role = next((name for name, keys in roles if key in keys), None)
+            out[role or ("activations" if phase == "forward" else "temporaries")] += nbytes
+        return out
 
     def _freed(self, key: int, _ref) -> None:
         nbytes, _ = self.live.pop(key)
         self._refs.pop(key, None)
+        self.comm.discard(key)
         self.current -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.fake_scalars and func is torch.ops.aten._local_scalar_dense.default:
             return True if args[0].dtype is torch.bool else 1
         out = func(*args, **(kwargs or {}))
-        touched = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        for t in touched:
-            self.track(t)
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            # Views and in-place results reuse an input's storage (a weight made before tracking, too); meta
+            # tensors (the model before its shards exist) hold no memory.
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and id(t.untyped_storage()) not in inputs:
+                self.track(t)
         if func.namespace in _COMM_NAMESPACES:
-            self.comm.update(id(t.untyped_storage()) for t in tree_leaves((args, kwargs))
-                             if isinstance(t, torch.Tensor))
+            self.comm.update(inputs)
         return out
 
     def __enter__(self):
@@ -106,18 +126,6 @@ class MemoryTracker(TorchDispatchMode):
 
     def _set(self, phase: str) -> None:
         self.phase = phase
-
-    def categories(self, params, optimizer) -> dict[str, int]:
-        """The snapshot's bytes by category; `params` and `optimizer` as they are after the step."""
-        ids = lambda tensors: {id(t.untyped_storage()) for t in tensors}  # noqa: E731
-        params = list(params)
-        roles = [("weights", ids(params)), ("gradients", ids(p.grad for p in params if p.grad is not None)),
-                 ("optimizer_state", ids(optimizer_tensors(optimizer))), ("comm_buffers", self.comm)]
-        out = dict.fromkeys(CATEGORIES, 0)
-        for key, (nbytes, phase) in self.snapshot.items():
-            role = next((name for name, keys in roles if key in keys), None)
-            out[role or ("activations" if phase == "forward" else "temporaries")] += nbytes
-        return out
 
 
 def optimizer_tensors(optimizer) -> list[torch.Tensor]:
@@ -196,22 +204,24 @@ def measure_step(cfg: Config, mesh, tracker: MemoryTracker, *, initialise: bool 
         layout = build_layout(cfg, mesh, initialise=initialise, model=model)
         built = time.perf_counter()
         optimizer = layout.build_optimizer()
+        tracker.watch(layout.parameters(), optimizer)
         train_step(layout, optimizer, step_rows(cfg, mesh.dp), 0)
     return layout, optimizer, built - started, time.perf_counter() - built
 
 
-def dry_run(cfg: Config, rank: int) -> MemoryReport:
-    """Rank `rank`'s peak memory in one training step of `cfg`'s layout, on fake tensors (any size of model)."""
+def dry_run(cfg: Config, rank: int, *, gpu: bool = True) -> MemoryReport:
+    """Rank `rank`'s peak memory in one training step of `cfg`'s layout, on fake tensors (any size of model);
+    `gpu` False resolves the config for the CPU instead (what a real CPU run does, for comparison)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from engine.parallel import init_mesh
 
-    cfg = gpu_config(copy.deepcopy(cfg))
+    cfg = gpu_config(cfg) if gpu else resolve_auto(cfg, cuda_available=False)
     with fake_world(rank, world_size(cfg)):
         mesh = init_mesh(cfg)
         tracker = MemoryTracker(fake_scalars=True)
         layout, optimizer, build_s, step_s = measure_step(
             cfg, mesh, tracker, fake_mode=functools.partial(FakeTensorMode, allow_non_fake_inputs=True))
-        categories = tracker.categories(layout.parameters(), optimizer)
+        categories = tracker.at_peak
         coords = {"dp": mesh.dp_rank, "pp": mesh.pp_rank, "tp": mesh.tp_rank}
     return MemoryReport(rank, coords, tracker.peak, categories, {"build": build_s, "step": step_s})

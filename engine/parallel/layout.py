@@ -118,12 +118,22 @@ class Layout:
         """This rank's rows of one step (train.grad_accum rounds, each through the pipeline schedule under pp):
         gradients accumulated, each token's loss over `total_targets`. Returns the global step loss on every
         rank."""
-        if self.pipeline is not None:
-            loss = self._pipeline_rounds(rows, total_targets)
-            loss = comm.all_reduce(loss, self.mesh.pp_group)  # only the last stage's is non-zero
-        else:
-            loss = self._accumulate(rows, total_targets)
+        with self._shared_casts():
+            if self.pipeline is not None:
+                loss = self._pipeline_rounds(rows, total_targets)
+                loss = comm.all_reduce(loss, self.mesh.pp_group)  # only the last stage's is non-zero
+            else:
+                loss = self._accumulate(rows, total_targets)
         return self.data_parallel_sum(loss)
+
+    def _shared_casts(self):
+        """Under bf16 autocast, one bf16 copy of each weight for the whole step: autocast caches its weight casts
+        until the outermost autocast context exits, so a disabled one around the step keeps the cache across
+        the microbatches (each would otherwise cast, and keep for its backward, its own copy of every weight)
+        while backward runs without autocast."""
+        if self.cfg.train.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.mesh.device.type, dtype=torch.bfloat16, enabled=False)
 
     def _accumulate(self, rows: Batch, total_targets: int) -> torch.Tensor:
         count = rows.tokens.shape[0]
