@@ -30,7 +30,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            # Cast once here rather than in each linear it feeds (q, k, v; gate, up): one low-precision copy is
+            # kept for backward instead of three, and sequence parallelism gathers half the bytes.
+            out = out.to(torch.get_autocast_dtype(x.device.type))
+        return out
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

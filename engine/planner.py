@@ -14,7 +14,8 @@ Parameters, gradients, optimizer state (ZeRO paper's accounting, Rajbhandari et 
                       per (r, c) matrix and n per vector (no first moment, as torch.optim.Adafactor and FLAN).
     fp32 (CPU)        weights 4 + gradients 4, no master copy; the same optimizer state.
 (Today's loop keeps fp32 weights under bf16 autocast: 4 + 4 + the state, the same total per parameter as the
-mixed accounting, split differently; ZeRO-1 would then divide the optimizer state only.)
+mixed accounting, split differently, plus the bf16 cast copies below; ZeRO-1 then divides the optimizer state
+only.)
 ZeRO-1 divides the master weights and the optimizer state by dp (offered with AdamW only: the engine's ZeRO-1
 shards elementwise state, and Adafactor's factors are not). Under tensor parallelism the block matrices
 and the vocabulary are split t ways (TP_PLAN in engine/parallel/tensor.py decides which), norms are replicated.
@@ -26,16 +27,18 @@ Activations saved for backward, per layer and microbatch. Korthikanti et al. 202
 for GPT (LayerNorm, GeLU MLP of 4h, dropout, unfused attention). Re-derived for this block (RMSNorm, RoPE, GQA,
 head_dim independent of h/a, gated MLP of width f, no dropout), from what autograd keeps (q = t under sequence
 parallelism, else 1):
-    2 RMSNorms      input n h/q, normalised x n h/q (kept for the gain's gradient), 1/rms n/q fp32
+    2 RMSNorms      input n h/q, normalised x n h/q (kept for the gain's gradient), 1/rms n/q, all fp32 (the
+                    residual stream is fp32; under autocast the norm hands one bf16 copy to its linears)
     2 linear inputs the norm outputs n h: full size on every rank, since the all-gather of sequence
                     parallelism is kept (Megatron re-gathers it in backward to keep n h/t; this engine does not)
     attention       q and its output n a d/t, k and v n k d/t each, log-sum-exp n a/t fp32 (the flash kernel);
                     the PyTorch path adds the masked output copy n a d/t, the padding mask n and the additive
                     segment mask b s^2 (its s^2 term is Korthikanti's 5as/h, here without a softmax copy)
     gated MLP       gate pre-activation, its activation, up, and their product: 4 n f/t
-Activations are counted at e bytes (bf16 on GPU); the eager RMSNorm under autocast keeps its input and its
-normalised copy in fp32, 2 x 2 n h / q more bytes per layer than counted (3% at flan-137b with tp=8, sp).
-Recomputation (parallel.recompute): "full" keeps only the block input n h/q per layer, "selective" also the
+Activations are counted at e bytes (bf16 on GPU) except the fp32 norm terms. Under bf16 the step also keeps one
+bf16 copy of every weight of the rank (autocast's cast cache, shared by the step's microbatches), 2 B/param,
+counted with the activations.
+Recomputation (parallel.recompute): "full" keeps only the block input n h/q (fp32) per layer, "selective" also the
 matmul outputs n(a + 2k)d/t + 2 n f/t + 2 n h (and with sequence parallelism the all-gathered norm outputs 2 n h
 and reduce-scattered block outputs 2 n h/q); both rebuild one layer at a time in backward. "full" costs one more
 forward of the blocks and re-runs their collectives; "selective" only cheap elementwise work and attention.
@@ -231,7 +234,7 @@ def layer_activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Pr
     s = cfg.data.seq_len
     n = rows * s
     q = t if layout.sp else 1
-    norms = 2 * (2 * n * m.d_model / q * e + n / q * 4)
+    norms = 2 * (2 * n * m.d_model / q * 4 + n / q * 4)  # the residual stream and the norm math are fp32
     linear_inputs = 2 * n * m.d_model * e
     attention = (2 * n * m.n_heads * m.head_dim + 2 * n * m.n_kv_heads * m.head_dim) / t * e + n * m.n_heads / t * 4
     if precision.attention == "torch":
@@ -248,7 +251,7 @@ def recompute_layer_bytes(cfg: Config, layout: Layout, rows: int, precision: Pre
     m, t, e = cfg.model, layout.tp, precision.activation_bytes
     n = rows * cfg.data.seq_len
     q = t if layout.sp else 1
-    kept = n * m.d_model / q * e
+    kept = n * m.d_model / q * 4  # the block input: the fp32 residual stream
     if layout.recompute == "selective":
         kept += (n * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim / t + 2 * n * m.d_ff / t + 2 * n * m.d_model) * e
         if layout.sp and t > 1:
@@ -262,7 +265,7 @@ def edge_activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Pre
     n = rows * cfg.data.seq_len
     q = t if layout.sp else 1
     first = 2 * n * (m.head_dim // 2) * 4 + n * 8  # rotary cos and sin, token ids
-    final_norm = 2 * n * m.d_model / q * e + n / q * 4 + n * m.d_model * e
+    final_norm = 2 * n * m.d_model / q * 4 + n / q * 4 + n * m.d_model * e
     loss = precision.loss if not (precision.loss == "fused" and t > 1) else "triton"  # the fused kernel is tp=1 only
     if loss == "torch":
         head = n * m.vocab_size / t * 4
@@ -285,6 +288,11 @@ def in_flight(layout: Layout, stage: str | int) -> int:
     if layout.schedule == "1f1b":
         return min(p - r, mb)
     return min(2 * (p - 1 - r) + (v - 1) * p + 1, mb * v)
+
+
+def cast_bytes(params: RankParameters, precision: Precision) -> float:
+    """The bf16 copy of every weight a mixed-precision step keeps (none when the weights are the compute dtype)."""
+    return params.elements * precision.activation_bytes if precision.master_bytes else 0.0
 
 
 def pipeline_rank(layout: Layout, stage: str | int) -> int:
@@ -372,7 +380,7 @@ def plan(cfg: Config, layout: Layout, hw: Hardware, precision: Precision = BF16_
     ranks = {}
     for stage in ("first", "last"):
         states = state_bytes(cfg, layout, params[stage], precision)
-        act = activation_bytes(cfg, layout, rows, precision, stage)
+        act = activation_bytes(cfg, layout, rows, precision, stage) + cast_bytes(params[stage], precision)
         ranks[stage] = (sum(states.values()) + act, states, act)
     total, states, act = max(ranks.values(), key=lambda r: r[0])
     heaviest = max(params.values(), key=lambda r: r.elements)
@@ -403,7 +411,7 @@ def rank_bytes(cfg: Config, layout: Layout, pp_rank: int, precision: Precision =
         if cfg.model.tie_embeddings and layout.pp > 1:
             held += [_local_shape(n, s, layout.tp) for n, s in shapes.embedding]
     out = state_bytes(cfg, layout, _count(held), precision)
-    out["activations"] = activation_bytes(cfg, layout, rows, precision, pp_rank)
+    out["activations"] = activation_bytes(cfg, layout, rows, precision, pp_rank) + cast_bytes(_count(held), precision)
     out["total"] = sum(out.values())
     return out
 
