@@ -92,6 +92,9 @@ class ParallelConfig:
     """Seconds a collective or a checkpoint rendezvous waits for a peer before this rank stops with an error
     (a peer that died is noticed at once over gloo; over NCCL after this long). Raise it for saves of very
     large checkpoints to slow disks."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation in backward: "full" keeps each block's input only, "selective" its matmul
+    outputs (the attention core, norms and activations are recomputed)."""
 
 
 @dataclass

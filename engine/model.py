@@ -9,6 +9,7 @@ forward skips a missing embedding or head so that pipeline stages are made by de
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -29,7 +30,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            # Cast once here rather than in each linear it feeds (q, k, v; gate, up): one low-precision copy is
+            # kept for backward instead of three, and sequence parallelism gathers half the bytes.
+            out = out.to(torch.get_autocast_dtype(x.device.type))
+        return out
 
 
 def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
@@ -265,15 +271,43 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """GPT-2/Llama init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2 n_layers)."""
-        gen = torch.Generator().manual_seed(seed)
-        std = self.cfg.init_std
+        """The seeded initial values (`initial_region`) of every parameter, whole."""
         for name, p in self.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)  # RMSNorm gains
-                continue
-            s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else std
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+            p.copy_(initial_region(self.cfg, name, tuple(p.shape), tuple((0, n) for n in p.shape), seed))
+
+
+INIT_BLOCK_ELEMENTS = 1 << 22
+"""Elements per generator block of a parameter's initial values (16 MiB of fp32): the most a shard-first build
+(engine/build.py) holds beyond its shards."""
+
+
+def _block_generator(seed: int, name: str, block: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def initial_region(cfg: ModelConfig, name: str, shape: tuple[int, ...], box, seed: int) -> torch.Tensor:
+    """The `box` region ((start, stop) per dim) of global parameter `name` of `shape` at initialisation (fp32).
+
+    GPT-2/Llama init: RMSNorm gains 1, everything else N(0, std), residual output projections scaled by
+    1/sqrt(2 n_layers). The values depend only on (seed, name): rows are drawn in blocks of about
+    INIT_BLOCK_ELEMENTS, each from its own generator seeded by (seed, name, block), so that any layout's slice
+    is drawn without the rest of the tensor and every layout starts from the single-device weights.
+    """
+    region = tuple(b - a for a, b in box)
+    if len(shape) == 1:
+        return torch.ones(region)
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else cfg.init_std
+    row = math.prod(shape[1:])
+    per_block = max(1, INIT_BLOCK_ELEMENTS // row)
+    (r0, r1), rest = box[0], tuple(slice(a, b) for a, b in box[1:])
+    out = torch.empty(region)
+    for block in range(r0 // per_block, (r1 - 1) // per_block + 1):
+        b0, b1 = block * per_block, min((block + 1) * per_block, shape[0])
+        values = torch.randn((b1 - b0, *shape[1:]), generator=_block_generator(seed, name, block))
+        lo, hi = max(b0, r0), min(b1, r1)
+        out[lo - r0:hi - r0] = values[(slice(lo - b0, hi - b0), *rest)]
+    return out.mul_(std)
 
 
 def cache_positions(cache: KVCache, batch: Batch) -> torch.Tensor:

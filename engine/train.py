@@ -35,12 +35,12 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine.batch import Batch
+from engine.build import build_layout as shard_first_layout
 from engine.config import Config, resolve_auto
 from engine.data_source import BatchSource
 from engine.info import training_flops_per_token
-from engine.model import build_model
 from engine.optim import lr_at, set_lr
-from engine.parallel import Layout, Mesh, init_mesh, parallelize
+from engine.parallel import Layout, Mesh, init_mesh
 from engine.resume import preflight, resume
 from engine.run_log import MetricsLogger, plot_losses, run_record, write_run_record
 
@@ -147,16 +147,15 @@ def setup(cfg: Config, make_source: MakeSource, kind: str, heldout_clusters: lis
 
 
 def build_layout(cfg: Config, mesh: Mesh) -> tuple[Layout, str | None]:
-    """The seeded single-device model (or train.init_from's weights), laid out for this rank; and the step
-    folder its weights came from."""
-    model = build_model(cfg.model, cfg.train.seed, device="cpu")
-    init_from = None
-    if cfg.train.init_from:
-        where = Path(cfg.train.init_from)
-        where = ckpt.latest_checkpoint(where) or where
-        ckpt.apply_model_state(model, ckpt.load_model_state(where), where)
-        init_from = str(where)
-    return parallelize(model.to(mesh.device), cfg, mesh), init_from
+    """This rank's shards of the seeded model, built shard-first (engine/build.py), or of train.init_from's
+    weights (only this rank's slices read); and the step folder its weights came from."""
+    if not cfg.train.init_from:
+        return shard_first_layout(cfg, mesh), None
+    where = Path(cfg.train.init_from)
+    where = ckpt.latest_checkpoint(where) or where
+    layout = shard_first_layout(cfg, mesh, initialise=False)
+    ckpt.load_weights(where, layout)
+    return layout, str(where)
 
 
 def run_loop(run: Run) -> dict:

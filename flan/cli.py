@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_tune)
 
     from engine.checkpoint_cli import add_checkpoint_commands
+    from engine.memory_cli import add_memory_commands
     from engine.parallel.schedule_cli import add_pipeline_commands
     from engine.plan_cli import add_plan_commands
     from flan.data_cli import add_data_commands
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prompt_tune_commands(sub)
     add_experiment_commands(sub)
     add_plan_commands(sub)
+    add_memory_commands(sub)
     add_checkpoint_commands(sub)
     add_pipeline_commands(sub)
     return parser

@@ -119,10 +119,12 @@ class Reader:
                                   "it was saved with (index.json holds it)")
         return entry
 
-    def region(self, name: str, box: Box, expected_shape: tuple[int, ...] | None) -> torch.Tensor:
-        """The `box` region of global tensor `name`, read from the pieces that overlap it."""
+    def region(self, name: str, box: Box, expected_shape: tuple[int, ...] | None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The `box` region of global tensor `name` (in `dtype`, default the saved one), read from the pieces that
+        overlap it."""
         entry = self.entry(name, expected_shape)
-        out = torch.empty(box_shape(box), dtype=DTYPES[entry["dtype"]])
+        out = torch.empty(box_shape(box), dtype=dtype or DTYPES[entry["dtype"]])
         covered = 0
         for piece in entry["pieces"]:
             overlap = intersect(tuple(tuple(b) for b in piece["box"]), box)
@@ -173,19 +175,8 @@ def load_checkpoint(path: str | Path, layout: Layout, optimizer) -> dict[str, An
     """Restore this rank's weights, optimizer state and RNG from a checkpoint of any layout; return the index
     (step, data position, config, layout)."""
     path = Path(path)
-    index = load_meta(path)
-    reader = Reader(path, index)
-    saved = {n for n, e in index["tensors"].items() if e["kind"] == "model"}
-    expected = _expected_names(layout)
-    if saved != expected:
-        raise CheckpointError(f"{path / INDEX}: the checkpoint's weights do not match the configured model: missing "
-                              f"{sorted(expected - saved)[:4]}, unexpected {sorted(saved - expected)[:4]}; load it "
-                              "with the config it was saved with (index.json holds it)")
-    specs = layout.shard_specs()
-    with torch.no_grad():
-        for name, p in layout.named_parameters():
-            spec = specs[name]
-            p.copy_(reader.region(spec.global_name, spec.box, spec.global_shape))
+    reader = load_weights(path, layout)
+    index, specs = reader.index, layout.shard_specs()
     if optimizer is not None:
         if index.get("optimizer_kind") is None:
             raise CheckpointError(f"{path}: holds no optimizer state, so training cannot resume from it")
@@ -197,6 +188,25 @@ def load_checkpoint(path: str | Path, layout: Layout, optimizer) -> dict[str, An
             _restore_torch(reader, optimizer, specs, names)
     _restore_rng(reader, index, layout.mesh)
     return index
+
+
+def load_weights(path: str | Path, layout: Layout) -> Reader:
+    """Fill this rank's parameters with their regions of a checkpoint of any layout (only those slices are read,
+    straight into the parameters' dtype): resume and train.init_from. Returns the open reader."""
+    path = Path(path)
+    reader = Reader(path, load_meta(path))
+    saved = {n for n, e in reader.index["tensors"].items() if e["kind"] == "model"}
+    expected = _expected_names(layout)
+    if saved != expected:
+        raise CheckpointError(f"{path / INDEX}: the checkpoint's weights do not match the configured model: missing "
+                              f"{sorted(expected - saved)[:4]}, unexpected {sorted(saved - expected)[:4]}; load it "
+                              "with the config it was saved with (index.json holds it)")
+    specs = layout.shard_specs()
+    with torch.no_grad():
+        for name, p in layout.named_parameters():
+            spec = specs[name]
+            p.copy_(reader.region(spec.global_name, spec.box, spec.global_shape, dtype=p.dtype))
+    return reader
 
 
 def _expected_names(layout: Layout) -> set[str]:

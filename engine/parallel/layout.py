@@ -52,6 +52,7 @@ from engine.parallel import comm
 from engine.parallel.data import GradientSync
 from engine.parallel.mesh import Mesh
 from engine.parallel.pipeline import PipelineStages, run_forward, run_schedule, split_microbatches, split_stages
+from engine.parallel.recompute import apply_recompute
 from engine.parallel.specs import ShardSpec, parameter_specs
 from engine.parallel.tensor import TensorParallelShards, apply_tensor_parallel
 from engine.parallel.zero import ZeroAdamW, slice_square_sum
@@ -91,7 +92,8 @@ class Layout:
         return {"dp": self.mesh.dp, "pp": self.mesh.pp, "tp": self.mesh.tp, "sp": p.sp and self.mesh.tp > 1,
                 "virtual_stages": p.virtual_stages if self.mesh.pp > 1 else 1,
                 "schedule": p.schedule if self.mesh.pp > 1 else "none",
-                "microbatches": p.microbatches if self.mesh.pp > 1 else 1, "zero": int(self.zero)}
+                "microbatches": p.microbatches if self.mesh.pp > 1 else 1, "zero": int(self.zero),
+                "recompute": p.recompute}
 
     def autocast(self):
         """The precision context of every forward (train.precision, already resolved)."""
@@ -117,12 +119,22 @@ class Layout:
         """This rank's rows of one step (train.grad_accum rounds, each through the pipeline schedule under pp):
         gradients accumulated, each token's loss over `total_targets`. Returns the global step loss on every
         rank."""
-        if self.pipeline is not None:
-            loss = self._pipeline_rounds(rows, total_targets)
-            loss = comm.all_reduce(loss, self.mesh.pp_group)  # only the last stage's is non-zero
-        else:
-            loss = self._accumulate(rows, total_targets)
+        with self._shared_casts():
+            if self.pipeline is not None:
+                loss = self._pipeline_rounds(rows, total_targets)
+                loss = comm.all_reduce(loss, self.mesh.pp_group)  # only the last stage's is non-zero
+            else:
+                loss = self._accumulate(rows, total_targets)
         return self.data_parallel_sum(loss)
+
+    def _shared_casts(self):
+        """Under bf16 autocast, one bf16 copy of each weight for the whole step: autocast caches its weight casts
+        until the outermost autocast context exits, so a disabled one around the step keeps the cache across
+        the microbatches (each would otherwise cast, and keep for its backward, its own copy of every weight)
+        while backward runs without autocast."""
+        if self.cfg.train.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.mesh.device.type, dtype=torch.bfloat16, enabled=False)
 
     def _accumulate(self, rows: Batch, total_targets: int) -> torch.Tensor:
         count = rows.tokens.shape[0]
@@ -300,14 +312,18 @@ def precision_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def parallelize(model: Transformer, cfg: Config, mesh: Mesh) -> Layout:
+def parallelize(model: Transformer, cfg: Config, mesh: Mesh, materialize=None) -> Layout:
     """Apply the layout to a single-device model (sliced from its weights, so every layout starts equal), in
     torchtitan's order: tensor parallelism swaps modules, pipeline parallelism deletes the ones other stages
-    hold, data parallelism hooks the remaining parameters' gradients. `cfg` must be resolved (resolve_auto)."""
+    hold, data parallelism hooks the remaining parameters' gradients. `cfg` must be resolved (resolve_auto).
+    A model on the meta device is laid out as is; `materialize(model, tp_dims)` then replaces this rank's
+    parameters by real ones before data parallelism hooks them, returning {id(old): new} (engine/build.py's
+    shard-first build)."""
     left = unresolved(cfg)
     if left:
         raise ValueError(f"parallelize: {', '.join(left)} still 'auto'; resolve the config for this device first "
                          "(engine.config.resolve_auto)")
+    apply_recompute(model, cfg.parallel.recompute)  # first: the later steps see the recomputed blocks
     tensor = TensorParallelShards()
     if mesh.tp > 1:
         tensor = apply_tensor_parallel(model, mesh, cfg.parallel.sp)
@@ -318,6 +334,11 @@ def parallelize(model: Transformer, cfg: Config, mesh: Mesh) -> Layout:
         log.info("pipeline stage %d of %d: layers %s, schedule %s, %d microbatches", mesh.pp_rank, mesh.pp,
                  [f"{r.start}-{r.stop - 1}" for r in pipeline.layer_ranges], cfg.parallel.schedule,
                  cfg.parallel.microbatches)
+    if materialize is not None:
+        new = materialize(model, tensor.dims)
+        tensor.partial_grads = [new.get(id(p), p) for p in tensor.partial_grads]
+        if pipeline is not None and pipeline.tied_weight is not None:
+            pipeline.tied_weight = new.get(id(pipeline.tied_weight), pipeline.tied_weight)
     layout = Layout(cfg, mesh, model, tensor, pipeline)
     if mesh.dp > 1:
         # Gradients that need a model-parallel sum first are reduced over dp after it (finish_gradients).
