@@ -119,6 +119,9 @@ class DataConfig:
     """Cluster left out of instruction tuning and evaluated zero-shot."""
     bad_rows: Literal["error", "skip"] = "error"
     """A malformed dataset row stops with an error naming file and line, or is skipped and counted."""
+    prepared_dir: str = "data"
+    """Folder `flan data prepare` writes (relative to the working directory); datasets found there are read
+    before data_dir's."""
 
 
 @dataclass

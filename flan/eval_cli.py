@@ -62,9 +62,9 @@ def _progress(total: int, label: str):
 
 
 def cmd_eval(args) -> int:
-    from engine.paths import shared_data_dir
     from engine.train import autocast
     from flan.evaluate import evaluate_model, select_datasets
+    from flan.loaders import data_dirs
     from flan.registry import load_registry
     from flan.report import summarize, write_report
 
@@ -76,7 +76,7 @@ def cmd_eval(args) -> int:
             raise CommandError(f"--limit {args.limit}: use 0 (all examples) or a positive count")
         cfg.eval.limit = args.limit
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
-    data_dir = shared_data_dir(cfg.data.data_dir or None)
+    data_dir = data_dirs(cfg)  # data.prepared_dir first, then data.data_dir
     specs, missing = select_datasets(load_registry(), data_dir, datasets=args.datasets, clusters=args.clusters,
                                      default_cluster=cfg.data.heldout_cluster)
     if missing:

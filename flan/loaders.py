@@ -1,7 +1,10 @@
 """Dataset rows from <data_dir>/<dataset>/{train,validation}.jsonl (or a derived generator), validated.
 
-    split = load_split(spec, "train", data_dir=shared_data_dir(), bad_rows="error")
+    split = load_split(spec, "train", data_dir=data_dirs(cfg), bad_rows="error")
     split.rows, split.skipped      # the valid rows; "file:line: reason" for every row skipped
+
+`data_dir` is one folder or a search path: data_dirs(cfg) gives data.prepared_dir (what `flan data prepare`
+wrote) before data.data_dir (the shared samples), and each dataset is read from the first folder holding it.
 
 Every row is checked against the dataset's registry entry: each required field present with its type,
 a cls label among the label values, an mc gold choice among the row's options. With bad_rows="error"
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from engine.paths import MissingDataError, shared_data_dir
 from flan.derived import generate
 from flan.registry import TaskSpec
 from flan.templates import label_index, options_of
@@ -73,18 +77,43 @@ def row_problem(spec: TaskSpec, row) -> str | None:
     return None
 
 
-def split_path(spec: TaskSpec, split: str, data_dir: Path) -> Path | None:
-    """The JSONL file of a split, or None for derived datasets."""
-    return None if spec.derived else Path(data_dir) / spec.data / f"{split}.jsonl"
+def data_dirs(cfg, *, required: bool = True) -> tuple[Path, ...]:
+    """The dataset search path of a config: data.prepared_dir (when it exists), then data.data_dir."""
+    dirs = [Path(cfg.data.prepared_dir)] if cfg.data.prepared_dir and Path(cfg.data.prepared_dir).is_dir() else []
+    try:
+        dirs.append(shared_data_dir(cfg.data.data_dir or None))
+    except MissingDataError:
+        if required and not dirs:
+            raise
+    return tuple(dirs)
 
 
-def has_split(spec: TaskSpec, split: str, data_dir: Path) -> bool:
+def _dirs(data_dir) -> tuple[Path, ...]:
+    return (Path(data_dir),) if isinstance(data_dir, (str, Path)) else tuple(Path(d) for d in data_dir)
+
+
+def corpus_dir(data_dir) -> Path:
+    """The folder of the search path that holds the text corpus (derived datasets read it)."""
+    dirs = _dirs(data_dir)
+    return next((d for d in dirs if (d / "corpus").is_dir()), dirs[-1])
+
+
+def split_path(spec: TaskSpec, split: str, data_dir) -> Path | None:
+    """The JSONL file of a split, or None if derived. A dataset is read from the first folder of the search path
+    that holds its folder, never split across two (a prepared copy's splits must not meet the samples')."""
+    if spec.derived:
+        return None
+    folders = [d / spec.data for d in _dirs(data_dir)] or [Path(spec.data)]
+    return next((f for f in folders if f.is_dir()), folders[-1]) / f"{split}.jsonl"
+
+
+def has_split(spec: TaskSpec, split: str, data_dir) -> bool:
     if spec.derived:
         return split in spec.derived.sizes
     return split_path(spec, split, data_dir).is_file()
 
 
-def count_examples(spec: TaskSpec, split: str, data_dir: Path) -> int:
+def count_examples(spec: TaskSpec, split: str, data_dir) -> int:
     """Rows in a split without parsing them (0 when the split has no data)."""
     if spec.derived:
         return spec.derived.sizes.get(split, 0)
@@ -117,25 +146,25 @@ def _read_jsonl(spec: TaskSpec, path: Path, bad_rows: str) -> tuple[list[dict], 
 
 
 @lru_cache(maxsize=256)
-def _load(spec: TaskSpec, split: str, data_dir: str, bad_rows: str, seed: int) -> Split:
+def _load(spec: TaskSpec, split: str, data_dir: tuple[str, ...], bad_rows: str, seed: int) -> Split:
     if spec.derived:
         n = spec.derived.sizes[split]
-        return Split(spec, split, generate(spec.derived.generator, split, n, seed, Path(data_dir)),
+        return Split(spec, split, generate(spec.derived.generator, split, n, seed, corpus_dir(data_dir)),
                      f"derived:{spec.derived.generator}")
-    path = split_path(spec, split, Path(data_dir))
+    path = split_path(spec, split, data_dir)
     rows, skipped = _read_jsonl(spec, path, bad_rows)
     return Split(spec, split, rows, str(path), skipped)
 
 
-def load_split(spec: TaskSpec, split: str, *, data_dir: str | Path, bad_rows: str = "error",
+def load_split(spec: TaskSpec, split: str, *, data_dir, bad_rows: str = "error",
                seed: int = 0) -> Split:
     """Validated rows of one split (read once per process); `seed` only matters for derived datasets."""
     if split not in SPLITS:
         raise DataError(f"split {split!r} unknown; use one of {', '.join(SPLITS)}")
     if bad_rows not in ("error", "skip"):
         raise DataError(f"bad_rows={bad_rows!r}; use 'error' or 'skip'")
-    if not has_split(spec, split, Path(data_dir)):
-        where = split_path(spec, split, Path(data_dir)) or f"[derived] of {spec.source}"
+    if not has_split(spec, split, data_dir):
+        where = split_path(spec, split, data_dir) or f"[derived] of {spec.source}"
         raise DataError(f"{where}: dataset {spec.name} has no {split} split here; "
                         f"`flan data tasks` lists which datasets have local data")
-    return _load(spec, split, str(data_dir), bad_rows, seed)
+    return _load(spec, split, tuple(str(d) for d in _dirs(data_dir)), bad_rows, seed)

@@ -27,8 +27,7 @@ import numpy as np
 
 from engine.batch import Batch
 from engine.config import Config
-from engine.paths import shared_data_dir
-from flan.loaders import has_split, load_split
+from flan.loaders import data_dirs, has_split, load_split
 from flan.packing import DEFAULT_POOL, Segment, choose_segments, encode_pairs, rows_to_batch
 from flan.registry import Registry, TaskSpec, load_registry
 from flan.templates import TEMPLATES_DIR, RenderedExample, Template, load_templates, render_template
@@ -88,7 +87,7 @@ class Mixture:
     def from_config(cls, cfg: Config, split: str = "train") -> "Mixture":
         d = cfg.data
         return cls.build(load_registry(), heldout=d.heldout_cluster or None, split=split,
-                         data_dir=shared_data_dir(d.data_dir or None), cap=d.mixture_cap, seed=cfg.train.seed,
+                         data_dir=data_dirs(cfg), cap=d.mixture_cap, seed=cfg.train.seed,
                          bad_rows=d.bad_rows)
 
     @property
