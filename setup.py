@@ -14,6 +14,7 @@ setup(
         "sentencepiece>=0.2",
         "safetensors>=0.4",
         "tqdm>=4.66",
+        "datasets>=5.2,<6",
         "matplotlib>=3.8",
         "sacrebleu>=2.4",
         "rouge-score>=0.1.2",

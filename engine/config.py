@@ -148,6 +148,9 @@ class DataConfig:
     instruction_format: Literal["flan", "none", "dataset_name"] = "flan"
     """How examples are rendered (training and `flan eval`): FLAN's instruction templates, the inputs alone (no
     template), or the inputs after a dataset-name prefix like [Translation: WMT'16 Finnish to English]."""
+    prepared_dir: str = "data"
+    """Folder `flan data prepare` writes (relative to the working directory); datasets found there are read
+    before data_dir's."""
 
 
 @dataclass

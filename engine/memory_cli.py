@@ -9,7 +9,6 @@ presets are measured as they resolve on a GPU, with the PyTorch attention and lo
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 from engine.config import ConfigError, load_config

@@ -3,6 +3,12 @@
     flan data tasks [--json]                          # every dataset: cluster, kind, templates, local examples
     flan data preview rte [--template 3] [--n 2]      # rendered prompts and targets of real rows
     flan data mix configs/tiny.toml [--json]          # rates, examples, tokens per dataset, packing efficiency
+    flan data prepare cb [--from DIR] [--out DIR] [--max-rows N]   # public data -> data.prepared_dir (flan/prepare.py)
+    flan data prepare --all --from DIR
+
+Prepared datasets land in data.prepared_dir ("data" in the working directory unless --out or the flag says
+otherwise) and every reader (preview, mix, tune, eval) looks there before data.data_dir: a prepared dataset
+replaces its sample, whole.
 
 flan/cli.py registers them with `add_data_commands(subparsers)`; each handler takes the parsed args
 (with `args.overrides`, the `--section.field=value` flags) and returns an exit code.
@@ -14,9 +20,10 @@ import sys
 from collections import defaultdict
 
 from engine.config import load_config
+from pathlib import Path
+
 from engine.errors import USAGE
-from engine.paths import shared_data_dir
-from flan.loaders import SPLITS, count_examples, has_split, load_split
+from flan.loaders import SPLITS, DataError, count_examples, data_dirs, has_split, load_split
 from flan.registry import load_registry
 from flan.templates import TemplateError, load_templates, render_template
 
@@ -27,7 +34,7 @@ def _config(args):
 
 def task_listing(cfg) -> list[dict]:
     """One dict per registry dataset: the JSON of `flan data tasks` plus per-split counts."""
-    data_dir = shared_data_dir(cfg.data.data_dir or None)
+    data_dir = data_dirs(cfg, required=False)  # listing works without any data folder
     out = []
     for spec in load_registry().tasks.values():
         splits = {s: count_examples(spec, s, data_dir) for s in SPLITS}
@@ -59,7 +66,7 @@ def cmd_tasks(args) -> int:
 def cmd_preview(args) -> int:
     cfg = _config(args)
     spec = load_registry().get(args.dataset)
-    data_dir = shared_data_dir(cfg.data.data_dir or None)
+    data_dir = data_dirs(cfg)
     split = args.split or next((s for s in SPLITS if has_split(spec, s, data_dir)), None)
     if split is None:
         print(f"flan: dataset {spec.name} has no local data ({spec.notes or 'see flan data tasks'})",
@@ -136,6 +143,34 @@ def cmd_mix(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    from flan.prepare import prepare
+
+    cfg = _config(args)
+    reg = load_registry()
+    if args.all == bool(args.datasets):
+        raise DataError("name the datasets to prepare (e.g. `flan data prepare cb rte`) or pass --all, not both")
+    specs = [t for t in reg.tasks.values() if t.origin.preparable] if args.all else [reg.get(n) for n in args.datasets]
+    out = Path(args.out or cfg.data.prepared_dir)
+    failed = []
+    for spec in specs:
+        try:
+            manifest, wrote = prepare(spec, out_dir=out, from_dir=Path(args.from_dir) if args.from_dir else None,
+                                      max_rows=args.max_rows, bad_rows=cfg.data.bad_rows, progress=sys.stderr.isatty())
+        except DataError as e:
+            if not args.all:
+                raise
+            failed.append(spec.name)
+            print(f"{spec.name}: not prepared: {e}")
+            continue
+        counts = ", ".join(f"{s} {e['rows']}" + (f" (+{e['skipped']} bad rows skipped)" if e["skipped"] else "")
+                           for s, e in manifest["splits"].items())
+        print(f"{spec.name}: {'prepared' if wrote else 'up to date'}: {counts} -> {out / spec.data}")
+    if failed:
+        print(f"{len(failed)} of {len(specs)} datasets not prepared: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def add_data_commands(subparsers) -> None:
     """Register `flan data tasks | preview | mix` on the top-level subparsers of flan/cli.py."""
     data = subparsers.add_parser("data", help="datasets, templates and the tuning mixture")
@@ -156,3 +191,12 @@ def add_data_commands(subparsers) -> None:
     p.add_argument("config", help="TOML config, e.g. configs/tiny.toml")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_mix)
+
+    p = sub.add_parser("prepare", help="bring datasets' public data (hub or a local copy) into data.prepared_dir")
+    p.add_argument("datasets", nargs="*", help="registry names (see `flan data tasks`)")
+    p.add_argument("--all", action="store_true", help="every dataset whose [source] names a usable hub copy")
+    p.add_argument("--from", dest="from_dir", default=None,
+                   help="read a local copy (save_to_disk folder or hub-layout parquet/JSON) instead of the hub")
+    p.add_argument("--out", default=None, help="output folder (default: data.prepared_dir)")
+    p.add_argument("--max-rows", type=int, default=None, help="at most N rows per split")
+    p.set_defaults(func=cmd_prepare)

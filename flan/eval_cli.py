@@ -112,10 +112,10 @@ def _check_seen(specs, seen: set[str] | None, allow_seen: bool) -> None:
 
 
 def cmd_eval(args) -> int:
-    from engine.paths import shared_data_dir
     from engine.run_log import code_version, config_hash
     from flan.evaluate import default_split, evaluate_model, include_tasks, select_datasets
     from flan.provenance import checkpoint_info, seen_clusters
+    from flan.loaders import data_dirs
     from flan.registry import load_registry
     from flan.report import summarize, write_report
     from flan.samples import write_samples
@@ -127,7 +127,7 @@ def cmd_eval(args) -> int:
         if args.limit < 0:
             raise CommandError(f"--limit {args.limit}: use 0 (all examples) or a positive count")
         cfg.eval.limit = args.limit
-    data_dir = shared_data_dir(cfg.data.data_dir or None)
+    data_dir = data_dirs(cfg)  # data.prepared_dir first, then data.data_dir
     registry = load_registry()
     if args.include:
         registry = include_tasks(registry, Path(args.include))

@@ -15,6 +15,9 @@ dataset, a fresh seeded sample of its rows, each with a seeded random template, 
 every epoch realises the rates exactly. Epoch e's order comes from numpy's generator seeded with
 (seed, e): the same seed gives the same stream on any machine.
 
+Memory: the mixture holds no dataset. Each split is a RowIndex (8 bytes per row, rows read by byte offset
+when an example is rendered); an epoch's order is three integer arrays of min(n_d, cap) entries per dataset.
+
 Resuming: TuningStream's state is the stream position (epoch, index) plus the keys (dataset, row,
 template) of the examples waiting in the packer's pool; loading it re-renders those and continues with
 the very batches the uninterrupted run would have produced.
@@ -23,13 +26,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from engine.batch import Batch
 from engine.config import Config
-from engine.paths import shared_data_dir
-from flan.loaders import has_split, load_split
+from flan.loaders import data_dirs, has_split, load_split, open_split
 from flan.packing import DEFAULT_POOL, Segment, choose_segments, encode_pairs, rows_to_batch
 from flan.registry import Registry, TaskSpec, load_registry
 from flan.templates import TEMPLATES_DIR, RenderedExample, Template, load_templates, render_template
@@ -60,7 +63,7 @@ def eligible_tasks(registry: Registry, heldout: str | None, train_clusters: str 
 @dataclass
 class Mixture:
     tasks: list[TaskSpec]             # in the mixture, sorted by name
-    rows: dict[str, list[dict]]
+    rows: dict[str, Sequence[dict]]   # a RowIndex per dataset when streamed (rows read by byte offset)
     templates: dict[str, tuple[Template, ...]]
     cap: int
     seed: int
@@ -75,19 +78,26 @@ class Mixture:
     @classmethod
     def build(cls, registry: Registry, *, heldout: str | None, split: str, data_dir, cap: int,
               seed: int, bad_rows: str = "error", templates_dir=TEMPLATES_DIR, train_clusters: str = "",
-              templates_per_dataset: int = 0, instruction_format: str = "flan") -> "Mixture":
+              templates_per_dataset: int = 0, instruction_format: str = "flan",
+              stream: bool = True) -> "Mixture":
+        """stream=True reads rows on demand by byte offset (flan/loaders.RowIndex), never a whole dataset;
+        stream=False loads every split into memory first. Both give the same examples in the same order."""
         tasks, missing, rows, skipped, templates = [], [], {}, {}, {}
         for spec in sorted(eligible_tasks(registry, heldout, train_clusters), key=lambda t: t.name):
             if not has_split(spec, split, data_dir):
                 missing.append(spec.name)
                 continue
-            loaded = load_split(spec, split, data_dir=data_dir, bad_rows=bad_rows, seed=seed)
-            if not loaded.rows:
+            if stream:
+                split_rows, split_skipped = open_split(spec, split, data_dir=data_dir, bad_rows=bad_rows, seed=seed)
+            else:
+                loaded = load_split(spec, split, data_dir=data_dir, bad_rows=bad_rows, seed=seed)
+                split_rows, split_skipped = loaded.rows, loaded.skipped
+            if not len(split_rows):
                 missing.append(spec.name)
                 continue
             tasks.append(spec)
-            rows[spec.name] = loaded.rows
-            skipped[spec.name] = len(loaded.skipped)
+            rows[spec.name] = split_rows
+            skipped[spec.name] = len(split_skipped)
             templates[spec.name] = load_templates(spec, templates_dir)[:templates_per_dataset or None]
         if not tasks:
             raise ValueError(f"no dataset has a local {split} split outside the held-out cluster {heldout!r}")
@@ -100,7 +110,7 @@ class Mixture:
     def from_config(cls, cfg: Config, split: str = "train") -> "Mixture":
         d = cfg.data
         return cls.build(load_registry(), heldout=d.heldout_cluster or None, split=split,
-                         data_dir=shared_data_dir(d.data_dir or None), cap=d.mixture_cap, seed=cfg.train.seed,
+                         data_dir=data_dirs(cfg), cap=d.mixture_cap, seed=cfg.train.seed,
                          bad_rows=d.bad_rows, train_clusters=d.train_clusters,
                          templates_per_dataset=d.templates_per_dataset, instruction_format=d.instruction_format)
 

@@ -13,6 +13,7 @@ under the shared data directory; no code. Entry keys (see flan/tasks/rte.toml fo
     [choices]  (mc) list = list field of options, or fields = [one field per option];
                label = int index field, or answer = field holding the gold option (a list: its first item)
     [derived]  generator ("fix_punct" | "math_dataset"), train, validation (example counts)
+    [source]   where the public data lives: hub id, config, splits, column mapping (flan/sources.py)
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from engine.errors import USAGE, FlanError
+from flan.sources import SourceError, SourceSpec, parse_source
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 CLUSTERS_FILE = "_clusters.toml"
@@ -84,6 +86,7 @@ class TaskSpec:
     labels: LabelSpec | None = None
     choices: ChoiceSpec | None = None
     derived: DerivedSpec | None = None
+    origin: SourceSpec | None = None   # the [source] table: where the public data lives (flan/sources.py)
 
     @property
     def slots(self) -> frozenset[str]:
@@ -168,7 +171,7 @@ def parse_task(path: Path) -> TaskSpec:
     """One task file to a TaskSpec; every problem names the file and the key."""
     d = _read_toml(path)
     known = {"name", "cluster", "paper_dataset", "kind", "metric", "data", "notes", "fields", "labels",
-             "choices", "derived"}
+             "choices", "derived", "source"}
     unknown = set(d) - known
     if unknown:
         _fail(path, f"unknown keys {sorted(unknown)}; accepted: {', '.join(sorted(known))}")
@@ -222,9 +225,14 @@ def parse_task(path: Path) -> TaskSpec:
         derived = DerivedSpec(dv["generator"], sizes)
     elif not isinstance(d.get("data"), str):
         _fail(path, "`data` (the folder name under the data directory) is missing; derived tasks use [derived]")
+    label_field = labels.field if labels else choices.label_field if choices else None
+    try:
+        origin = parse_source(path, d.get("source"), fields, d["kind"], label_field)
+    except SourceError as e:
+        raise RegistryError(str(e)) from None
     return TaskSpec(name=d["name"], cluster=d["cluster"], paper_dataset=d["paper_dataset"], kind=d["kind"],
                     metric=d["metric"], fields=fields, source=path, data=d.get("data"), notes=d.get("notes", ""),
-                    labels=labels, choices=choices, derived=derived)
+                    labels=labels, choices=choices, derived=derived, origin=origin)
 
 
 def parse_clusters(path: Path) -> dict[str, ClusterSpec]:
