@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.checkpoint import dedup_tied, load_meta, load_model_state, save_weights
 from engine.config import Config, ModelConfig, config_from_dict
+from engine.errors import FlanError
 
 # Per-layer parameter names: ours -> HF Llama's (under "model.layers.<i>.").
 LAYER_NAMES = {
@@ -45,7 +46,7 @@ TOP_NAMES = {
 ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}
 
 
-class HFError(ValueError):
+class HFError(FlanError, ValueError):
     """A folder or checkpoint that cannot be converted; the message names the file and the reason."""
 
 

@@ -80,12 +80,30 @@ def attention_torch(q, k, v, segment_ids, *, causal=True, q_segment_ids=None, q_
 
 
 def attention(q, k, v, segment_ids, impl: str):
-    """The one attention entry point of the model: the Triton flash kernel or the PyTorch path."""
+    """The one attention entry point of the model: the Triton flash kernel or the PyTorch path.
+
+    For "triton", segment_ids is what `attention_masking` prepared: None or the kernel's segments."""
     if impl == "triton":
         from kernels.attention import flash_attention
 
         return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
     return attention_torch(q, k, v, segment_ids)
+
+
+def attention_masking(batch: Batch, impl: str, cache: "KVCache | None"):
+    """What every layer's attention masks with, prepared once per batch.
+
+    The Triton kernel gets None for an unpacked batch (no segment mask to pay) and otherwise the
+    segments with their tile bounds, computed here once rather than in every layer; the PyTorch path
+    and decoding with a cache take the ids themselves.
+    """
+    if impl != "triton" or cache is not None:
+        return batch.segment_ids
+    if not batch.packed:
+        return None
+    from kernels.attention import attention_segments
+
+    return attention_segments(batch.segment_ids, causal=True)
 
 
 @dataclass
@@ -182,7 +200,8 @@ class OutputHead(nn.Module):
         if impl == "triton":
             from kernels.cross_entropy import cross_entropy
 
-            return cross_entropy(logits, labels, reduction=reduction)
+            # The logits are read by nothing else: their gradient may overwrite them (1x logits memory).
+            return cross_entropy(logits, labels, reduction=reduction, inplace=True)
         loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
         if reduction == "sum":
             return loss
@@ -214,8 +233,9 @@ class Transformer(nn.Module):
         if cache is not None and cache.segment_ids is not None:
             positions = positions + cache_positions(cache, batch)
         rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        masking = attention_masking(batch, self.cfg.attention, cache)
         for name, layer in self.layers.items():
-            h = layer(h, rope, batch.segment_ids, cache, name)
+            h = layer(h, rope, masking, cache, name)
         if cache is not None:
             cache.segment_ids = batch.segment_ids if cache.segment_ids is None else torch.cat(
                 [cache.segment_ids, batch.segment_ids], dim=1)

@@ -35,12 +35,13 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine.batch import Batch
-from engine.config import Config, ConfigError, resolve_auto
+from engine.config import Config, resolve_auto
 from engine.data_source import BatchSource
 from engine.info import training_flops_per_token
 from engine.model import build_model
 from engine.optim import lr_at, set_lr
 from engine.parallel import Layout, Mesh, init_mesh, parallelize
+from engine.resume import preflight, resume
 from engine.run_log import MetricsLogger, plot_losses, run_record, write_run_record
 
 MakeSource = Callable[[Config, int, int], BatchSource]
@@ -103,10 +104,16 @@ def train(cfg: Config, make_source: MakeSource, *, kind: str = "pretrain", heldo
     """Train for cfg.train.steps optimizer steps; `make_source(cfg, dp_rank, dp_size)` builds this rank's
     BatchSource. `heldout_clusters` (tuning) goes into run.json. Returns a summary (final loss, last
     validation loss, run folder)."""
+    preflight(cfg, kind)  # every check that needs no model, before any work (engine/resume.py)
     run = setup(cfg, make_source, kind, list(heldout_clusters))
     try:
         summary = run_loop(run)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # a peer that died in the last save stops this rank here, not in wait()
         run.saver.wait()
+    except BaseException:
+        run.saver.abort()  # a failing rank never waits on its background save
+        raise
     finally:
         run.logger.close()
     if run.mesh.is_logging_rank:
@@ -129,7 +136,7 @@ def setup(cfg: Config, make_source: MakeSource, kind: str, heldout_clusters: lis
     layout, init_from = build_layout(resolved, mesh)
     optimizer = layout.build_optimizer()
     saver = ckpt.Checkpointer(run_dir, mesh, cfg.train.keep_checkpoints, cfg.train.async_save)
-    start = resume(run_dir, cfg, layout, optimizer, source)
+    start = resume(run_dir, cfg, kind, layout, optimizer, source)
     tokens_per_step = cfg.train.batch_size * row_length(cfg, kind)
     if mesh.is_logging_rank:
         write_run_record(run_dir, run_record(kind, cfg, resolved, layout.summary(), mesh.world_size,
@@ -150,20 +157,6 @@ def build_layout(cfg: Config, mesh: Mesh) -> tuple[Layout, str | None]:
         ckpt.apply_model_state(model, ckpt.load_model_state(where), where)
         init_from = str(where)
     return parallelize(model.to(mesh.device), cfg, mesh), init_from
-
-
-def resume(run_dir: Path, cfg: Config, layout: Layout, optimizer, source: BatchSource) -> int:
-    """The step to start from: the newest checkpoint's with train.resume (weights, optimizer, RNG and data
-    position restored), else 0; a run folder that holds checkpoints is never started over silently."""
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None and not cfg.train.resume:
-        raise ConfigError(f"train.run_dir: {run_dir} already holds checkpoints (newest {latest.name}); pass "
-                          "--train.resume=true to continue that run, or choose another --train.run_dir")
-    if not cfg.train.resume or latest is None:
-        return 0
-    meta = ckpt.load_checkpoint(latest, layout, optimizer)
-    source.load_state_dict(meta["data"])
-    return meta["step"]
 
 
 def run_loop(run: Run) -> dict:

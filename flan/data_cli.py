@@ -14,9 +14,10 @@ import sys
 from collections import defaultdict
 
 from engine.config import load_config
+from engine.errors import USAGE
 from engine.paths import shared_data_dir
-from flan.loaders import SPLITS, DataError, count_examples, has_split, load_split
-from flan.registry import RegistryError, load_registry
+from flan.loaders import SPLITS, count_examples, has_split, load_split
+from flan.registry import load_registry
 from flan.templates import TemplateError, load_templates, render_template
 
 
@@ -69,7 +70,8 @@ def cmd_preview(args) -> int:
     for i, row in enumerate(rows[: args.n]):
         index = args.template if args.template is not None else i % len(templates)
         if not 0 <= index < len(templates):
-            raise TemplateError(f"{spec.name}: --template {index} out of range 0..{len(templates) - 1}")
+            raise TemplateError(f"{spec.name}: --template {index} out of range 0..{len(templates) - 1}",
+                                exit_code=USAGE)
         t = templates[index]
         ex = render_template(spec, t, row)
         flag = ", turned around" if t.turned_around else ""
@@ -134,17 +136,6 @@ def cmd_mix(args) -> int:
     return 0
 
 
-def _guarded(handler):
-    """Report data, template and registry errors as one line and exit code 1, not a traceback."""
-    def run(args) -> int:
-        try:
-            return handler(args)
-        except (DataError, TemplateError, RegistryError) as e:
-            print(f"flan: {e}", file=sys.stderr)
-            return 1
-    return run
-
-
 def add_data_commands(subparsers) -> None:
     """Register `flan data tasks | preview | mix` on the top-level subparsers of flan/cli.py."""
     data = subparsers.add_parser("data", help="datasets, templates and the tuning mixture")
@@ -152,16 +143,16 @@ def add_data_commands(subparsers) -> None:
 
     p = sub.add_parser("tasks", help="every registered dataset with its cluster, kind, templates and local data")
     p.add_argument("--json", action="store_true", help="a JSON list of {name, cluster, kind, templates, examples}")
-    p.set_defaults(func=_guarded(cmd_tasks))
+    p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("preview", help="render real rows of a dataset with its templates")
     p.add_argument("dataset", help="registry name, e.g. rte (see `flan data tasks`)")
     p.add_argument("--template", type=int, default=None, help="template index (default: cycle through all)")
     p.add_argument("--n", type=int, default=3, help="rows to show")
     p.add_argument("--split", choices=SPLITS, default=None, help="default: the first split with data")
-    p.set_defaults(func=_guarded(cmd_preview))
+    p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("mix", help="mixing rates, examples and tokens per dataset, packing efficiency")
     p.add_argument("config", help="TOML config, e.g. configs/tiny.toml")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_guarded(cmd_mix))
+    p.set_defaults(func=cmd_mix)

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import COMPLETE, CheckpointError, latest_checkpoint, load_meta
+from engine.checkpoint import COMPLETE, latest_checkpoint, load_meta
 from engine.config import Config, config_from_dict, load_config, resolve_auto
+from engine.errors import UsageError
 
 
-class CommandError(ValueError):
+class CommandError(UsageError, ValueError):
     """A command-line argument that cannot be served; the message names it and the fix."""
 
 
@@ -147,6 +148,14 @@ def cmd_eval(args) -> int:
     rows, samples, mesh = [], (None if args.no_samples else []), None
     for label, step_dir, info in models:
         layout, tokenizer, step_cfg, mesh = load_layout(step_dir, cfg, mesh)
+        if args.prompt and label == "tuned":  # a soft prompt belongs to the checkpoint it was tuned on
+            from engine.prompt_tuning import attach, load_prompt
+
+            prompt, made = load_prompt(args.prompt)
+            if made.get("checkpoint") and Path(made["checkpoint"]).resolve() != step_dir.resolve():
+                print(f"flan eval: warning: --prompt was tuned on {made['checkpoint']}, not {step_dir}",
+                      file=sys.stderr)
+            attach(layout.model, prompt.to(next(layout.model.parameters()).device))
         info["input_len"] = step_cfg.data.input_len  # prompts are cut to what the checkpoint was tuned with
         info["layout"], info["precision"] = layout.summary(), layout.cfg.train.precision
         if mesh.is_logging_rank:
@@ -203,22 +212,11 @@ def cmd_import_hf(args) -> int:
 
 
 def _guarded(handler):
-    """Turn the errors that describe a bad argument or input into one message and exit status 2."""
-    from engine.hf import HFError
-    from flan.evaluate import EvalError
-    from flan.loaders import DataError
-    from flan.registry import RegistryError
-    from flan.templates import TemplateError
-
+    """Refuse config overrides where the command takes none; flan/cli.py main() reports the errors."""
     def run(args) -> int:
-        try:
-            if handler is not cmd_eval and args.overrides:
-                raise CommandError(f"{args.command} takes no --section.field overrides (got {args.overrides})")
-            return handler(args)
-        except (CommandError, CheckpointError, HFError, EvalError, DataError, RegistryError, TemplateError,
-                FileNotFoundError) as e:
-            print(f"flan {args.command}: error: {e}", file=sys.stderr)
-            return 2
+        if handler is not cmd_eval and args.overrides:
+            raise CommandError(f"{args.command} takes no --section.field overrides (got {args.overrides})")
+        return handler(args)
     return run
 
 
@@ -236,6 +234,8 @@ def add_eval_commands(subparsers) -> None:
                                        "(default: the config's eval.templates)")
     p.add_argument("--limit", type=int, help="validation examples per dataset, dev and test halves together")
     p.add_argument("--out", help="output folder (default: <tuned run>/eval)")
+    p.add_argument("--prompt", help="soft prompt (prompt.safetensors from flan prompt-tune) for the --checkpoint "
+                                    "model; the --base model runs without it")
     p.add_argument("--split", choices=("test", "dev", "all"),
                    help="rows reported: the seeded test half (the dev half picks --templates best), the dev half, "
                         "or all (default: all when --templates names indices, else test)")

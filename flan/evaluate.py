@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import Config
+from engine.errors import UsageError
 from flan.loaders import has_split, load_split
 from flan.metrics import generation_metrics, generation_per_example, primary_metric, rank_metrics, rank_per_example
 from flan.registry import CLUSTERS_FILE, Registry, TaskSpec, parse_clusters, parse_task
@@ -41,7 +42,7 @@ SPLIT_SEED = 20220208  # FLAN's ICLR 2022 publication date: any fixed number wor
 SPLITS = ("test", "dev", "all")
 
 
-class EvalError(ValueError):
+class EvalError(UsageError, ValueError):
     """An evaluation request that cannot be served; the message names the argument and the fix."""
 
 
@@ -154,12 +155,13 @@ def _also_accepted(spec: TaskSpec, template, row: dict) -> tuple[str, ...]:
 
 
 def build_requests(spec: TaskSpec, rows: list[dict], row_ids: list[int], template_index: int, *,
-                   few_shot: int = 0, train_rows: list[dict] | None = None) -> list[EvalRequest]:
+                   few_shot: int = 0, train_rows: list[dict] | None = None,
+                   instruction_format: str = "flan") -> list[EvalRequest]:
     """Rendered requests of one template over the given rows (exemplars differ per row, seeded by it)."""
     template = load_templates(spec)[template_index]
     out = []
     for i in row_ids:
-        ex = render_template(spec, template, rows[i])
+        ex = render_template(spec, template, rows[i], instruction_format)
         prefix = _few_shot_prefix(spec, template, train_rows, few_shot, seed=i) if few_shot else ""
         gold = label_index(spec, rows[i]) if ex.options is not None else None
         out.append(EvalRequest(spec.name, template_index, i, prefix + ex.prompt, ex.target, ex.options, gold,
@@ -198,7 +200,8 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
     out: list[dict] = []
 
     def run(spec, rows, train, ids, t, split) -> float:
-        requests = build_requests(spec, rows, ids, t, few_shot=ev.few_shot, train_rows=train)
+        requests = build_requests(spec, rows, ids, t, few_shot=ev.few_shot, train_rows=train,
+                                  instruction_format=cfg.data.instruction_format)
         results = score_with_layout(layout, tokenizer, requests, batch_size=ev.batch_size, input_len=input_len,
                                     max_new_tokens=ev.max_new_tokens,
                                     stops=(EXEMPLAR_SEPARATOR,) if ev.few_shot else (), progress=bar)

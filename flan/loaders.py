@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from engine.errors import FlanError
 from flan.derived import generate
 from flan.registry import TaskSpec
 from flan.templates import label_index, options_of
@@ -30,7 +31,7 @@ _TYPE_CHECKS = {
 }
 
 
-class DataError(ValueError):
+class DataError(FlanError, ValueError):
     """A dataset file is missing or holds a malformed row."""
 
 

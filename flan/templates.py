@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from engine.errors import FlanError
 from engine.paths import REPO_ROOT
 from flan.registry import ANSWER_SLOT, OPTIONS_SLOT, TASKS_DIR, TaskSpec, load_registry
 
@@ -38,7 +39,7 @@ OPTIONS_PLACEMENT = ("append", "none")
 ANSWER_TARGET = "{" + ANSWER_SLOT + "}"
 
 
-class TemplateError(ValueError):
+class TemplateError(FlanError, ValueError):
     """A templates file is malformed, or a row cannot be rendered."""
 
 
@@ -213,8 +214,20 @@ def _fill(parts, values: dict[str, str]) -> str:
     return "".join(literal + values[slot] if slot else literal for literal, slot in parts)
 
 
-def render_template(spec: TaskSpec, template: Template, row: dict) -> RenderedExample:
-    """Fill one template with one row."""
+def bare_inputs(spec: TaskSpec, template: Template, values: dict[str, str], instruction_format: str) -> str:
+    """The FLAN paper's instruction ablations (section 4.3): the template's input fields alone, one per line,
+    without its instruction text ("none"), or after a dataset-name prefix ("dataset_name", e.g. "[Translation:
+    WMT16 en-fi]")."""
+    slots = dict.fromkeys(s for _, s in template.input_parts if s is not None and s != OPTIONS_SLOT)
+    text = "\n".join(values[s] for s in slots)
+    if instruction_format == "dataset_name":
+        return f"[{load_registry().cluster(spec.cluster).title}: {spec.paper_dataset}] {text}"
+    return text
+
+
+def render_template(spec: TaskSpec, template: Template, row: dict,
+                    instruction_format: str = "flan") -> RenderedExample:
+    """Fill one template with one row (data.instruction_format "flan"; "none" and "dataset_name": bare_inputs)."""
     try:
         values = {name: _as_text(row.get(name), spec.fields[name].type) for name in template.slots
                   if name in spec.fields}
@@ -225,8 +238,10 @@ def render_template(spec: TaskSpec, template: Template, row: dict) -> RenderedEx
             values[OPTIONS_SLOT] = options_block(opts)
             if template.has_options:
                 options = tuple(opts)
-        prompt = _fill(template.input_parts, values)
-        if options is not None and OPTIONS_SLOT not in template.slots and template.options == "append":
+        bare = instruction_format != "flan"
+        prompt = (bare_inputs(spec, template, values, instruction_format) if bare
+                  else _fill(template.input_parts, values))
+        if options is not None and (bare or (OPTIONS_SLOT not in template.slots and template.options == "append")):
             prompt = f"{prompt}\n\n{values[OPTIONS_SLOT]}"
         return RenderedExample(prompt, _fill(template.target_parts, values), options, template.delimiter)
     except (KeyError, ValueError, IndexError, TypeError) as e:

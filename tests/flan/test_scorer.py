@@ -1,6 +1,5 @@
 """Scorer: shared-prompt option scores equal full-sequence log-likelihoods; generation equals naive greedy;
 evaluation splits, template choice, report summaries and the `flan eval` command end to end."""
-import argparse
 import json
 
 import pytest
@@ -169,13 +168,9 @@ def test_requests_render_options_gold_and_few_shot(shared_data):
 
 # ---- the command ---------------------------------------------------------------------------------------
 def run_flan(argv):
-    from flan.eval_cli import add_eval_commands
+    from flan.cli import main  # the one place errors become a line and an exit code
 
-    parser = argparse.ArgumentParser(prog="flan")
-    add_eval_commands(parser.add_subparsers(dest="command", required=True))
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = rest
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.fixture(scope="module")
