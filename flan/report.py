@@ -148,8 +148,9 @@ def markdown_table(rows: list[dict]) -> str:
              "## Clusters (mean over datasets of the primary metric, templates averaged)", "",
              "| cluster | metric | " + " | ".join(models) + " |", "|---|---|" + "---:|" * len(models)]
     clusters = [r for r in rows if r["dataset"] == ALL_DATASETS and r["model"] != DIFFERENCE]
+    by_cluster = {(r["model"], r["cluster"], r["metric"]): r for r in clusters if r["split"] == split}
     for (cluster, metric), group in _group(clusters, "cluster", "metric").items():
-        cells = [find.get((m, ALL_DATASETS, metric, "mean")) for m in models]
+        cells = [by_cluster.get((m, cluster, metric)) for m in models]
         lines.append(f"| {_seen(cluster, group[0])} | {metric} | " + " | ".join(
             _interval(c) if c else "–" for c in cells) + " |")
     lines += ["", f"## Datasets ({split} split; mean ± 95% interval, spread = std over templates; best = template "

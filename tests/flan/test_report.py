@@ -19,11 +19,13 @@ ROWS = [row("tuned", "rte", 0, "test", [1, 0, 1, 1]), row("tuned", "rte", 1, "te
         row("tuned", "rte", 0, "dev", [1, 1]), row("tuned", "rte", 1, "dev", [0, 1]),
         row("tuned", "cb", 0, "test", [0, 1]),
         row("base", "rte", 0, "test", [0, 0, 1, 1]), row("base", "rte", 1, "test", [1, 0, 0, 1]),
-        row("base", "cb", 0, "test", [0, 1])]
+        row("base", "cb", 0, "test", [0, 1]),
+        row("tuned", "stsb", 0, "test", [0, 0, 0, 1], cluster="paraphrase"),
+        row("base", "stsb", 0, "test", [0, 0, 0, 1], cluster="paraphrase")]
 
 
-def _get(out):
-    return {(r["model"], r["dataset"], r["template"]): r for r in out if r["split"] == "test"}
+def _get(out, cluster="nli"):
+    return {(r["model"], r["dataset"], r["template"]): r for r in out if r["split"] == "test" and r["cluster"] == cluster}
 
 
 def test_mean_spread_dev_pick_and_cluster_average():
@@ -61,6 +63,7 @@ def test_report_files_show_one_interval(tmp_path):
     cluster = _get(out)[("tuned", ALL_DATASETS, "mean")]
     assert f"| nli | acc | 62.5 ± {Z95 * cluster['stderr']:.1f} |" in md
     assert "| rte | nli | acc | 25.0 ± " in md and "within noise" in md
+    assert "| paraphrase | acc | 25.0 ± " in md  # each cluster's own average, not the last one's
     assert "tuned rte: 2 of 8 prompts" in md and paths["plot"].stat().st_size > 0
 
 
@@ -72,6 +75,6 @@ def test_bleu_means_use_a_bootstrap_over_shared_examples():
 
     rows = [bleu("tuned", 0, ["a b c d", "e f g x", "i j y z"]), bleu("tuned", 1, ["a b c d", "e f g h", "z"]),
             bleu("base", 0, ["a b c d", "e f g x", "i j y z"]), bleu("base", 1, ["a b c d", "e f g h", "z"])]
-    get = _get(summarize(rows))
+    get = _get(summarize(rows), "translation")
     assert get[("tuned", "wmt", "mean")]["stderr"] > 0 and get[("tuned", "wmt", "mean")]["value"] == 5.0
     assert get[(DIFFERENCE, "wmt", "mean")]["stderr"] == 0.0  # same texts: every resample differs by zero
