@@ -23,15 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.errors import FlanError
+
 TASK_SPLITS = ("train", "validation", "test")
 DERIVE_RULES = ("gold_option", "first", "index_of", "const")
 
 
-class SourceError(ValueError):
+class SourceError(FlanError, ValueError):
     """A task file's [source] table is malformed (raised as RegistryError by the registry)."""
 
 
-class MapError(ValueError):
+class MapError(FlanError, ValueError):
     """A hub row does not map onto the task's fields (the reason; the caller adds dataset, split, row)."""
 
 
