@@ -1,4 +1,5 @@
-"""Attention benchmark: our Triton flash kernel against SDPA (flash, cuDNN) and FlexAttention.
+"""Attention benchmark: our Triton flash kernel (split and fused backward) against SDPA (flash, cuDNN,
+efficient), FlexAttention, and FlashAttention 2/3 where installed.
 
     python -m benchmarks.attention                       # GPU: S 512..16k, D 64/128, bf16, causal
     python -m benchmarks.attention --smoke               # CPU (Triton interpreter), tiny shapes, end to end
@@ -27,7 +28,7 @@ if not torch.cuda.is_available():  # the CPU path runs the kernel through Triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.harness import environment, measure, output_dir, plot_lines, print_table, write_json  # noqa: E402
-from kernels.attention import attention_reference, flash_attention  # noqa: E402
+from kernels.attention import attention_reference, attention_segments, flash_attention  # noqa: E402
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
@@ -95,15 +96,41 @@ def provider_functions(segment_ids: torch.Tensor | None, device: torch.device, c
                       enable_gqa=q.shape[2] != k.shape[2])
         return out.transpose(1, 2)
 
-    providers = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=segment_ids)}
+    segments = None if segment_ids is None else attention_segments(segment_ids)  # once, as the model does
+    providers = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=segments),
+                 "triton-fused-bwd": lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=segments,
+                                                                     fused_backward=True)}
     if segment_ids is None:
         if device.type == "cuda":
             providers["sdpa-flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
             providers["sdpa-cudnn"] = sdpa(SDPBackend.CUDNN_ATTENTION)
+            providers["sdpa-efficient"] = sdpa(SDPBackend.EFFICIENT_ATTENTION)
+            providers.update(flash_attn_providers())
         else:
             providers["sdpa-math"] = sdpa(SDPBackend.MATH)
     providers["flex"] = flex
     return providers
+
+
+def flash_attn_providers() -> dict:
+    """FlashAttention 2 (`flash_attn`) and 3 (`flash_attn_interface`, Hopper) where installed; both take
+    (B, S, H, D) and GQA natively. Packed rows would need their varlen API: not compared there."""
+    found = {}
+    try:
+        from flash_attn import flash_attn_func as fa2
+        found["fa2"] = lambda q, k, v: fa2(q, k, v, causal=True)
+    except ImportError:
+        pass
+    try:
+        from flash_attn_interface import flash_attn_func as fa3
+
+        def run_fa3(q, k, v):
+            out = fa3(q, k, v, causal=True)
+            return out[0] if isinstance(out, tuple) else out  # some releases also return the lse
+        found["fa3"] = run_fa3
+    except ImportError:
+        pass
+    return found
 
 
 def pass_callable(attn, pass_name: str, q, k, v, grad_out):
@@ -220,7 +247,9 @@ def check_correctness(args) -> list[dict]:
             return [out, *torch.autograd.grad(out, leaves, grad_out.to(out_dtype))]
 
         ref = outputs(lambda *t: attention_reference(*t, causal=True, segment_ids=segment_ids), torch.float32)
-        candidates = {"triton": lambda *t: flash_attention(*t, causal=True, segment_ids=segment_ids)}
+        candidates = {"triton": lambda *t: flash_attention(*t, causal=True, segment_ids=segment_ids),
+                      "triton-fused-bwd": lambda *t: flash_attention(*t, causal=True, segment_ids=segment_ids,
+                                                                     fused_backward=True)}
         if segment_ids is None and device.type == "cuda" and dtype != torch.float32:
             candidates["sdpa-flash"] = sdpa_flash  # the error a production kernel makes, for scale
         for provider, fn in candidates.items():
@@ -266,7 +295,7 @@ def main(argv=None) -> None:
                     title=f"{args.check} vs the fp32 reference (relative Frobenius error, "
                           f"tolerance {CHECK_TOLERANCE[args.check]})")
         print(f"wrote {write_json(out / f'check_{args.check}.json', rows, meta)}")
-        if not all(r["ok"] for r in rows if r["provider"] == "triton"):
+        if not all(r["ok"] for r in rows if r["provider"].startswith("triton")):
             raise SystemExit(f"{args.check} check failed: see the table above")
         return
     rows = benchmark(args)

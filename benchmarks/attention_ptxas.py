@@ -1,12 +1,22 @@
-"""Registers and spills of every attention autotune config on Hopper, without a GPU.
+"""Registers, spills, shared memory and MMA instructions of every attention tile candidate on Hopper,
+compiled as the JIT compiles them at run time, without a GPU; and the autotune lists chosen from them.
 
-    python -m benchmarks.attention_ptxas                # sm_90, bf16, D 64 and 128, with/without segments
+    python -m benchmarks.attention_ptxas                       # sm_90a, bf16, D 64 and 128, +-segments
+    python -m benchmarks.attention_ptxas --out benchmarks/results/attention-ptxas-sm90   # the recorded table
 
-Each kernel of kernels/attention.py is compiled for sm_90 with each candidate config of its autotune
-list, and the PTX is passed through the ptxas bundled with Triton (`-v`), which reports registers per
-thread and bytes spilled to local memory. A config that spills is slow on the GPU however it is
-scheduled; this table is how the candidate lists were chosen while no GPU was at hand. It runs on the
-CPU in about a minute and must not run under TRITON_INTERPRET=1 (the interpreter compiles nothing).
+Each kernel of kernels/attention_fwd.py and kernels/attention_bwd.py is compiled for sm_90a with each
+candidate of CANDIDATES and with the specialisation Triton's JIT applies at run time to the inputs that
+flash_attention passes (`aligned` guarantees them): every pointer and every stride divisible by 16
+(`tt.divisibility`), and the sequence length too (a multiple of 16, as training lengths are). Without
+those attributes the compiler must assume scalar, unaligned accesses: no vector loads, no cp.async/TMA,
+and a table that misreports registers and shared memory. ptxas (bundled with Triton, `-v`) reports
+registers per thread and spill bytes; the PTX gives the wgmma shapes (m64nNk16) and any mma.sync.
+
+A config is kept for a head dim (`choose`) when, with and without segments, it spills nothing,
+fits in one H100/H200 SM's 227 KiB of shared memory, and runs on wgmma with N >= 32 and no mma.sync
+(an m64n16 wgmma, from 16-row steps, moves a quarter of an n64's work per instruction issued). The result is
+written as `chosen` in the JSON; kernels/attention_configs.py holds it and tests/benchmarks checks that
+it matches the recorded table. Must not run under TRITON_INTERPRET=1 (the interpreter compiles nothing).
 """
 from __future__ import annotations
 
@@ -14,6 +24,7 @@ import argparse
 import os
 import re
 import subprocess
+import sys
 import tempfile
 
 import triton
@@ -21,25 +32,37 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from benchmarks.harness import environment, output_dir, print_table, write_json
-from kernels import attention
+from kernels.attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
+from kernels.attention_fwd import attn_fwd_kernel
 
-KERNELS = {  # name -> (autotuned kernel, its candidate configs)
-    "fwd": (attention._attn_fwd_kernel, attention.FWD_CONFIGS),
-    "bwd_dq": (attention._attn_bwd_dq_kernel, attention.DQ_CONFIGS),
-    "bwd_dkdv": (attention._attn_bwd_dkdv_kernel, attention.DKDV_CONFIGS),
+# name -> (autotuned kernel, extra constexprs, candidate (BLOCK_A, BLOCK_B, warps, stages)).
+# fwd/dq: BLOCK_A queries per program, BLOCK_B keys per step; dkdv: BLOCK_A queries per step, BLOCK_B keys.
+CANDIDATES = {
+    "fwd": (attn_fwd_kernel, {}, [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3),
+                                 (128, 32, 8, 3)]),
+    "dq": (attn_bwd_dq_kernel, {}, [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2),
+                                   (128, 32, 8, 3)]),
+    "dkdv": (attn_bwd_dkdv_kernel, {"FUSED_DQ": False}, [(64, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 1),
+                                                        (32, 128, 8, 2), (32, 128, 8, 1), (64, 64, 4, 3),
+                                                        (16, 128, 8, 3)]),
+    "dkdv_fused": (attn_bwd_dkdv_kernel, {"FUSED_DQ": True}, [(64, 128, 8, 2), (64, 128, 8, 1), (32, 128, 8, 1)]),
 }
-FP32_POINTERS = ("LSE", "DELTA")
-INT32_POINTERS = ("SEG", "KV_BOUNDS", "Q_BOUNDS")
+FP32_POINTERS = ("LSE", "DELTA", "DQ_ACC")
+INT32_POINTERS = ("SEG", "BOUNDS")
 FLOAT_SCALARS = ("qk_scale", "softmax_scale")
+NOT_DIVISIBLE = ("n_heads", "n_kv_heads", "group")  # head counts: any value
+SMEM_LIMIT_KIB = 227  # usable shared memory per block on H100/H200
+MIN_WGMMA_N = 32  # m64n16 (16-row steps) is the narrowest; the issue drops the 16x32, 32x32, 16x64 tiles
 
 
-def signature(fn, dtype: str, constexprs: dict) -> dict:
-    """Triton type strings for every argument: tensors are the upper-case names, scalars 32-bit."""
-    types = {}
-    for name in fn.arg_names:
+def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
+    """(Triton type strings of every argument, run-time specialisation attributes by argument index)."""
+    types, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             types[name] = "constexpr"
-        elif name in FP32_POINTERS:
+            continue
+        if name in FP32_POINTERS:
             types[name] = "*fp32"
         elif name in INT32_POINTERS:
             types[name] = "*i32"
@@ -47,7 +70,9 @@ def signature(fn, dtype: str, constexprs: dict) -> dict:
             types[name] = f"*{dtype}"
         else:
             types[name] = "fp32" if name in FLOAT_SCALARS else "i32"
-    return types
+        if types[name].startswith("*") or (types[name] == "i32" and name not in NOT_DIVISIBLE):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return types, attrs
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict:
@@ -64,34 +89,107 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
                 spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else None)
 
 
+def mma_usage(ptx: str) -> dict:
+    """wgmma shapes (sorted, e.g. "m64n64k16"), the count of mma.sync, and whether cp.async / TMA appear."""
+    shapes = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx)),
+                    key=lambda s: int(re.search(r"n(\d+)", s).group(1)))
+    return dict(wgmma=" ".join(shapes), mma_sync=len(re.findall(r"\bmma\.sync\b", ptx)),
+                cp_async="cp.async" in ptx, tma="cp.async.bulk.tensor" in ptx)
+
+
+def fits(row: dict) -> bool:
+    """The kept-config rule of the module docstring, for one compiled row."""
+    narrow = [int(n) for n in re.findall(r"n(\d+)k", row["wgmma"])]
+    return (row["spill_bytes"] == 0 and row["smem_kib"] <= SMEM_LIMIT_KIB and row["mma_sync"] == 0
+            and bool(narrow) and min(narrow) >= MIN_WGMMA_N)
+
+
+def choose(rows: list[dict]) -> dict[str, dict[str, list[list[int]]]]:
+    """Per kernel and head dim (a string key, as JSON has it), the candidates in CANDIDATES order that
+    fit with and without segments. Where none fits, the one that spills least among those meeting the
+    other rules (`least_spilling`), so the kernel still has a config; the table shows its spills."""
+    chosen = {}
+    for kernel, (_, _, candidates) in CANDIDATES.items():
+        chosen[kernel] = {}
+        for head_dim in sorted({r["D"] for r in rows if r["kernel"] == kernel}):
+            keep = []
+            for config in candidates:
+                mine = [r for r in rows if r["kernel"] == kernel and r["D"] == head_dim and
+                        (r["BLOCK_A"], r["BLOCK_B"], r["warps"], r["stages"]) == tuple(config)]
+                if mine and all(fits(r) for r in mine):
+                    keep.append(list(config))
+            chosen[kernel][str(head_dim)] = keep or least_spilling(rows, kernel, head_dim)
+    return chosen
+
+
+def least_spilling(rows: list[dict], kernel: str, head_dim: int) -> list[list[int]]:
+    """[the config whose worst spill (over segment settings) is smallest, all other rules met], or []."""
+    worst, excluded = {}, set()
+    for r in rows:
+        if r["kernel"] != kernel or r["D"] != head_dim:
+            continue
+        config = (r["BLOCK_A"], r["BLOCK_B"], r["warps"], r["stages"])
+        if not fits(dict(r, spill_bytes=0)):
+            excluded.add(config)
+        worst[config] = max(worst.get(config, 0), r["spill_bytes"])
+    usable = {c: spill for c, spill in worst.items() if c not in excluded}
+    return [list(min(usable, key=usable.get))] if usable else []
+
+
+def compile_row(kernel_name: str, head_dim: int, has_segments: bool, config, dtype: str, arch: int) -> dict:
+    kernel, extra, _ = CANDIDATES[kernel_name]
+    block_a, block_b, warps, stages = config
+    constexprs = dict(HEAD_DIM=head_dim, CAUSAL=True, HAS_SEGMENTS=has_segments,
+                      DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_A=block_a, BLOCK_B=block_b,
+                      **extra)
+    fn = kernel.fn  # the JITFunction under the autotuner
+    types, attrs = signature(fn, dtype, constexprs)
+    source = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps, num_stages=stages))
+    ptx = compiled.asm["ptx"]
+    return dict(kernel=kernel_name, D=head_dim, segments=has_segments, BLOCK_A=block_a, BLOCK_B=block_b,
+                warps=warps, stages=stages, smem_kib=compiled.metadata.shared / 1024, **ptxas_usage(ptx, arch),
+                **mma_usage(ptx))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100/H200")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--kernels", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--out", default=None, help="output folder (default runs/bench/attention_ptxas)")
     args = p.parse_args(argv)
     if triton.knobs.runtime.interpret:
         raise SystemExit("attention_ptxas: unset TRITON_INTERPRET; the interpreter does not compile kernels")
-    target = GPUTarget("cuda", args.arch, 32)
-    rows = []
-    for head_dim in args.head_dims:
-        for has_segments in (False, True):
-            for kernel_name, (kernel, configs) in KERNELS.items():
-                for block_a, block_b, warps, stages in configs:
-                    constexprs = dict(HEAD_DIM=head_dim, CAUSAL=True, HAS_SEGMENTS=has_segments,
-                                      DOT_PRECISION="ieee" if args.dtype == "fp32" else "tf32",
-                                      BLOCK_A=block_a, BLOCK_B=block_b)
-                    fn = kernel.fn  # the JITFunction under the autotuner
-                    source = ASTSource(fn=fn, signature=signature(fn, args.dtype, constexprs), constexprs=constexprs)
-                    compiled = triton.compile(source, target=target, options=dict(num_warps=warps, num_stages=stages))
-                    rows.append(dict(kernel=kernel_name, D=head_dim, segments=has_segments, BLOCK_A=block_a,
-                                     BLOCK_B=block_b, warps=warps, stages=stages, smem_kib=compiled.metadata.shared / 1024,
-                                     **ptxas_usage(compiled.asm["ptx"], args.arch)))
-    print_table(rows, ["kernel", "D", "segments", "BLOCK_A", "BLOCK_B", "warps", "stages", "smem_kib", "registers",
-                       "spill_bytes"], title=f"sm_{args.arch} {args.dtype}: ptxas registers and spills per config")
+    rows = [compile_row(name, head_dim, has_segments, config, args.dtype, args.arch)
+            for head_dim in args.head_dims for has_segments in (False, True) for name in args.kernels
+            for config in CANDIDATES[name][2]]
+    columns = ["kernel", "D", "segments", "BLOCK_A", "BLOCK_B", "warps", "stages", "smem_kib", "registers",
+               "spill_bytes", "wgmma", "mma_sync", "cp_async", "tma"]
+    print_table(rows, columns, title=f"sm_{args.arch}a {args.dtype}, run-time alignment: registers, spills, MMA")
+    chosen = choose(rows)
+    for kernel, by_dim in chosen.items():
+        for head_dim, configs in by_dim.items():
+            print(f"chosen {kernel} D={head_dim}: {[tuple(c) for c in configs]}")
     out = output_dir("attention_ptxas", args.out)
-    print(f"wrote {write_json(out / 'ptxas.json', rows, dict(environment(), args=vars(args)))}")
+    meta = dict(environment(), args=vars(args), chosen=chosen,
+                command=" ".join(["python -m benchmarks.attention_ptxas", *(sys.argv[1:] if argv is None else argv)]))
+    print(f"wrote {write_json(out / 'ptxas.json', rows, meta)}")
+    (out / "ptxas.md").write_text(markdown(rows, columns, chosen, args))
+
+
+def markdown(rows, columns, chosen, args) -> str:
+    lines = [f"# Attention tiles on sm_{args.arch}a ({args.dtype}), compiled with run-time alignment", "",
+             "Compile-time figures (ptxas -v and the PTX), not GPU measurements. "
+             "Regenerate: `python -m benchmarks.attention_ptxas --out benchmarks/results/attention-ptxas-sm90`.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
+    lines += ["", "Chosen (kernels/attention_configs.py):", ""]
+    lines += [f"- {kernel} D={head_dim}: {[tuple(c) for c in configs]}" for kernel, by_dim in chosen.items()
+              for head_dim, configs in by_dim.items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

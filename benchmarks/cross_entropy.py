@@ -46,10 +46,10 @@ class _SeparateBackwardCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target):
         n_rows, n_cols = logits.shape
-        block_v, num_warps = ce._launch_config(n_cols, logits.device)
+        block_v, num_warps = ce.launch_config(n_cols, logits.device)
         stats = torch.empty(4, n_rows, device=logits.device, dtype=torch.float32)
         ce._cross_entropy_statistics_kernel[(n_rows,)](logits, logits.stride(0), target, stats, n_rows, 0, -100,
-                                                       N_COLS=n_cols, BLOCK_V=block_v, num_warps=num_warps)
+                                                       N_COLS=n_cols, BLOCK_V=block_v, SMOOTHING=False, num_warps=num_warps)
         lse = stats[0] + torch.log(stats[1])
         valid = target != -100
         count = valid.sum().clamp(min=1)
@@ -60,12 +60,12 @@ class _SeparateBackwardCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         logits, target, lse, count = ctx.saved_tensors
         n_rows, n_cols = logits.shape
-        block_v, num_warps = ce._launch_config(n_cols, logits.device)
+        block_v, num_warps = ce.launch_config(n_cols, logits.device)
         grad = torch.empty_like(logits)
         scale = (grad_output / count).to(torch.float32).reshape(1)
         ce._cross_entropy_gradient_kernel[(n_rows,)](
             logits, logits.stride(0), grad, grad.stride(0), target, lse, scale, 0, 0, n_cols, -100, 0.0, 0.0,
-            N_COLS=n_cols, BLOCK_V=block_v, num_warps=num_warps)
+            N_COLS=n_cols, BLOCK_V=block_v, SMOOTHING=False, num_warps=num_warps)
         return grad, None
 
 
@@ -172,7 +172,7 @@ def run_benchmark(args, device: torch.device, dtype: torch.dtype) -> None:
     print(f"\nwrote {out}")
 
 
-def check_bf16(device: torch.device) -> int:
+def check_bf16(device: torch.device, out_dir) -> int:
     """bf16 loss and gradients of both functions against the float32 reference on the same bf16 values.
 
     Bounds: the loss is accumulated in float32, so 1e-3 relative; gradients are stored in bf16 (8
@@ -182,15 +182,18 @@ def check_bf16(device: torch.device) -> int:
     rows, failures = [], 0
     opts = dict(label_smoothing=0.1, z_loss=1e-4)
     for n, v in [(4096, 32000), (4096, 50257), (2048, 128256)]:
-        for op in ("cross_entropy", "linear_cross_entropy"):
-            leaves, target = make_inputs(op, n, v, 1024, torch.bfloat16, device, ignore_fraction=0.2, seed=n + v)
+        for op in ("cross_entropy", "cross_entropy-inplace", "linear_cross_entropy"):
+            leaves, target = make_inputs(op.removesuffix("-inplace"), n, v, 1024, torch.bfloat16, device,
+                                         ignore_fraction=0.2, seed=n + v)
             if op == "cross_entropy":
                 loss = ce.cross_entropy(leaves[0], target, **opts)
+            elif op == "cross_entropy-inplace":  # the model's path: the gradient overwrites an intermediate
+                loss = ce.cross_entropy(leaves[0] * 1, target, inplace=True, **opts)
             else:
                 loss = ce.linear_cross_entropy(leaves[0], leaves[1], target, **opts)
             grads = torch.autograd.grad(loss, leaves)
             refs = [leaf.detach().float().requires_grad_() for leaf in leaves]
-            logits = refs[0] if op == "cross_entropy" else refs[0] @ refs[1].t()
+            logits = refs[0] if op != "linear_cross_entropy" else refs[0] @ refs[1].t()
             ref_loss = ce.cross_entropy_reference(logits, target, **opts)
             ref_grads = torch.autograd.grad(ref_loss, refs)
             errors = {"loss": ((loss - ref_loss).abs() / ref_loss.abs()).item()}
@@ -200,13 +203,16 @@ def check_bf16(device: torch.device) -> int:
             failures += not ok
             rows.append({"op": op, "N": n, "V": v, **errors, "ok": ok})
     print_table(rows, ["op", "N", "V", "loss", "grad0", "grad1", "ok"], title="bf16 against the float32 reference")
+    write_json(output_dir("cross_entropy", out_dir) / "check_bf16.json", rows, meta=environment())
     return failures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 65536], help="N values")
-    parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 65536, 131072, 262144], help="V values")
+    parser.add_argument("--tokens", type=int, nargs="+", default=None, help="N values (GPU default 4k 16k 64k)")
+    parser.add_argument("--vocab", type=int, nargs="+", default=None, help="V values (GPU default 32k..256k)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="GPU: logits/weights dtype "
+                        "(Liger's published figures are fp32 logits; compare at equal dtype)")
     parser.add_argument("--dim", type=int, default=4096, help="hidden size D of linear_cross_entropy")
     parser.add_argument("--providers", nargs="+", default=None,
                         help="only these (torch, torch.compile, liger, ours, ours-separate-bwd); default all")
@@ -222,13 +228,15 @@ def main() -> None:
     if args.check_bf16:
         if device.type != "cuda":
             sys.exit("--check-bf16 needs a GPU: Triton's interpreter does not compute bfloat16")
-        sys.exit(1 if check_bf16(device) else 0)
+        sys.exit(1 if check_bf16(device, args.out) else 0)
     if args.smoke or device.type != "cuda":
         # The interpreter runs each program in Python and does not compute bfloat16: tiny fp32 shapes.
-        args.tokens, args.vocab, args.dim, args.warmup, args.reps = [32, 64], [500, 1024], 64, 1, 2
+        args.tokens, args.vocab = args.tokens or [32, 64], args.vocab or [500, 1024]
+        args.dim, args.warmup, args.reps = 64, 1, 2
         run_benchmark(args, device, torch.float32)
     else:
-        run_benchmark(args, device, torch.bfloat16)
+        args.tokens, args.vocab = args.tokens or [4096, 16384, 65536], args.vocab or [32768, 65536, 131072, 262144]
+        run_benchmark(args, device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
 
 
 if __name__ == "__main__":

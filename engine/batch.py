@@ -17,16 +17,20 @@ class Batch:
                               should follow tokens[t]); IGNORE_INDEX where no loss (prompts, padding)
     segment_ids (B, S) int32  1..n for the packed examples of a row, 0 for padding
     positions   (B, S) int32  position inside the segment, restarting at 0 in every segment
+    packed      False when built without segment ids (one example per row, no padding): attention then
+                needs no segment mask, which the Triton kernel skips (engine/model.py)
     """
 
     tokens: torch.Tensor
     labels: torch.Tensor | None = None
     segment_ids: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    packed: bool = True
 
     def __post_init__(self):
         B, S = self.tokens.shape
         if self.segment_ids is None:
+            self.packed = False
             self.segment_ids = torch.ones(B, S, dtype=torch.int32, device=self.tokens.device)
         if self.positions is None:
             self.positions = positions_from_segments(self.segment_ids)
@@ -35,14 +39,17 @@ class Batch:
             if t is not None and t.shape != (B, S):
                 raise ValueError(f"Batch.{f} has shape {tuple(t.shape)}, expected {(B, S)} like tokens")
 
-    def to(self, device) -> "Batch":
-        return Batch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device))
+    def _map(self, fn) -> "Batch":
+        """The same batch with `fn` applied to every tensor field."""
+        return Batch(**{f.name: (fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
                         for f in fields(self)})
+
+    def to(self, device) -> "Batch":
+        return self._map(lambda t: t.to(device))
 
     def slice_rows(self, start: int, end: int) -> "Batch":
         """Rows [start, end): how gradient accumulation and data parallelism split a global batch."""
-        return Batch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name)[start:end])
-                        for f in fields(self)})
+        return self._map(lambda t: t[start:end])
 
     def num_target_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum()) if self.labels is not None else 0

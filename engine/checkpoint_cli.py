@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from engine import checkpoint as ckpt
 from engine.config import config_from_dict, layout_problem
+from engine.errors import USAGE
 from engine.parallel.specs import layout_boxes
 
 
@@ -37,10 +37,14 @@ def inspect(path: Path, verify: bool) -> dict:
     index = ckpt.load_meta(path)
     reader = ckpt.Reader(path, index)
     rows = []
+    if verify:  # every stored byte: whole pieces, layout-bound state and every rank's RNG, checksums checked
+        for boxed, table in ((True, index["tensors"]), (False, index.get("bound_state", {}))):
+            for name, entry in table.items():
+                for piece in entry["pieces"]:
+                    reader.read_piece(piece, name, boxed=boxed)
+        for record in index["ranks"]:
+            reader.rng(record["rank"])
     for name, entry in index["tensors"].items():
-        if verify:
-            for piece in entry["pieces"]:
-                reader.read_piece(piece, name)  # whole pieces: checksums checked
         rows.append({"name": name, "kind": entry["kind"], "shape": entry["shape"], "dtype": entry["dtype"],
                      "pieces": len(entry["pieces"])})
     return {"path": str(path), "step": index["step"], "layout": index["layout"], "world_size": index["world_size"],
@@ -49,11 +53,7 @@ def inspect(path: Path, verify: bool) -> dict:
 
 
 def cmd_inspect(args) -> int:
-    try:
-        info = inspect(Path(args.dir), args.verify)
-    except ckpt.CheckpointError as e:
-        print(f"flan checkpoint: {e}", file=sys.stderr)
-        return 1
+    info = inspect(Path(args.dir), args.verify)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0
@@ -76,16 +76,26 @@ def convert(src: Path, out: Path, layout: dict[str, int], weights_only: bool) ->
     problem = layout_problem(cfg.model, layout["tp"], layout["pp"])
     if problem:
         raise ckpt.CheckpointError(f"--layout {layout}: this model (config in {src / ckpt.INDEX}) cannot be split "
-                                   f"that way: {problem[0]} {problem[1]}")
+                                   f"that way: {problem[0]} {problem[1]}", exit_code=USAGE)
     if out.exists():
-        raise ckpt.CheckpointError(f"{out}: already exists; choose a new folder for the converted checkpoint")
+        raise ckpt.CheckpointError(f"{out}: already exists; choose a new folder for the converted checkpoint",
+                                   exit_code=USAGE)
     reader = ckpt.Reader(src, index)
-    model_shapes = {n: tuple(e["shape"]) for n, e in index["tensors"].items() if e["kind"] == "model"}
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_converted(reader, index, src, tmp, out, cfg, layout, weights_only)
+    except BaseException:  # a corrupted input (or a full disk) leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_converted(reader, index: dict, src: Path, tmp: Path, out: Path, cfg, layout: dict[str, int],
+                     weights_only: bool) -> None:
+    model_shapes = {n: tuple(e["shape"]) for n, e in index["tensors"].items() if e["kind"] == "model"}
     rng_record = next(r for r in index["ranks"] if r["rank"] == 0)
-    rng_file = reader._open("rng-r00000.safetensors", "rng")
-    rng_tensors = {k: rng_file.get_tensor(k) for k in rng_file.keys()}
+    rng_tensors = reader.rng(0)  # checked like every piece: a corrupted input is refused, not re-checksummed
     fragments = []
     world = layout["dp"] * layout["pp"] * layout["tp"]
     for rank in range(world):
@@ -98,7 +108,7 @@ def convert(src: Path, out: Path, layout: dict[str, int], weights_only: bool) ->
                 share.add("model", name, model_shapes[name], box, reader.region(name, box, None))
                 if not weights_only:
                     _convert_state(reader, share, name, box)
-        share.files[f"rng-r{rank:05d}.safetensors"] = rng_tensors
+        share.files[ckpt.rng_file(rank)] = rng_tensors
         scalars = {} if weights_only else index["scalars"]
         fragments.append(ckpt.write_share(tmp, share, {"scalars": scalars, "rng": rng_record["rng"]},
                                            [dp_rank, pp_rank, tp_rank]))
@@ -106,7 +116,6 @@ def convert(src: Path, out: Path, layout: dict[str, int], weights_only: bool) ->
     meta.update(world_size=world, layout=layout, converted_from=str(src),
                 optimizer_kind=None if weights_only or index.get("optimizer_kind") is None else "torch")
     ckpt.commit(tmp, out, fragments, meta, keep=0)
-    return out
 
 
 def _convert_state(reader, share, name: str, box) -> None:
@@ -120,11 +129,7 @@ def _convert_state(reader, share, name: str, box) -> None:
 
 
 def cmd_convert(args) -> int:
-    try:
-        out = convert(Path(args.dir), Path(args.out), args.layout, args.weights_only)
-    except ckpt.CheckpointError as e:
-        print(f"flan checkpoint: {e}", file=sys.stderr)
-        return 1
+    out = convert(Path(args.dir), Path(args.out), args.layout, args.weights_only)
     lay = args.layout
     print(f"{out}: written for dp={lay['dp']} pp={lay['pp']} tp={lay['tp']}")
     return 0

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from engine.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
     """A configuration problem; the message names where it came from and how to fix it."""
 
 
@@ -52,6 +55,17 @@ class ModelConfig:
     loss: Literal["auto", "torch", "triton", "fused"] = "auto"
     """Cross-entropy: PyTorch, the Triton kernel on logits, the fused output-projection kernel, or auto
     (`resolve_auto`: fused on CUDA, which tensor parallelism runs as the vocab-parallel Triton kernel)."""
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    """Long-context rescaling of the rotary frequencies (an imported model's rope_scaling): none, linear
+    (all divided by rope_factor) or llama3 (low frequencies divided, high kept, blended between)."""
+    rope_factor: float = 1.0
+    """The rescaling factor of rope_scaling linear and llama3."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above rope_original_max_len / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below rope_original_max_len / this are kept."""
+    rope_original_max_len: int = 8192
+    """llama3 scaling: the context length the model was pretrained at."""
 
 
 @dataclass
@@ -74,6 +88,13 @@ class ParallelConfig:
     """ZeRO stage for data parallelism (1 shards the optimizer state)."""
     bucket_mb: float = 25.0
     """Gradient all-reduce bucket size in MiB."""
+    timeout_s: float = 300.0
+    """Seconds a collective or a checkpoint rendezvous waits for a peer before this rank stops with an error
+    (a peer that died is noticed at once over gloo; over NCCL after this long). Raise it for saves of very
+    large checkpoints to slow disks."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation in backward: "full" keeps each block's input only, "selective" its matmul
+    outputs (the attention core, norms and activations are recomputed)."""
 
 
 @dataclass
@@ -102,7 +123,8 @@ class DataConfig:
     data_dir: str = ""
     """Folder of datasets and corpus; empty means ../shared/data beside the repo."""
     tokenizer: str = ""
-    """A SentencePiece .model file to use; empty means train one (cached) on the corpus and datasets."""
+    """A tokenizer file to use (SentencePiece .model or tokenizer.json, with a tokenizer_config.json beside it
+    where the model has one); empty means train a SentencePiece model (cached) on the corpus and datasets."""
     tokenizer_cache: str = ".cache/tokenizer"
     """Where trained tokenizers are cached (relative to the repo root unless absolute)."""
     tokenizer_sentences: int = 200000
@@ -119,6 +141,13 @@ class DataConfig:
     """Cluster left out of instruction tuning and evaluated zero-shot."""
     bad_rows: Literal["error", "skip"] = "error"
     """A malformed dataset row stops with an error naming file and line, or is skipped and counted."""
+    train_clusters: str = ""
+    """Comma list of clusters to instruction-tune on (empty: every cluster outside the held-out exclusions)."""
+    templates_per_dataset: int = 0
+    """Templates per dataset in training, each dataset's first k (0: all of them; FLAN: 10)."""
+    instruction_format: Literal["flan", "none", "dataset_name"] = "flan"
+    """How examples are rendered (training and `flan eval`): FLAN's instruction templates, the inputs alone (no
+    template), or the inputs after a dataset-name prefix like [Translation: WMT'16 Finnish to English]."""
     prepared_dir: str = "data"
     """Folder `flan data prepare` writes (relative to the working directory); datasets found there are read
     before data_dir's."""
@@ -150,8 +179,9 @@ class TrainConfig:
     """Checkpoint interval in steps (0 disables; the last step is always saved)."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept."""
-    resume: bool = False
-    """Continue from the newest checkpoint in run_dir."""
+    resume: Literal[False, True, "auto"] = False
+    """Continue from the newest intact checkpoint in run_dir: true requires one, auto continues when there is
+    one and starts fresh (saying so) when not, false refuses a run_dir that holds checkpoints."""
     async_save: bool = False
     """Write checkpoints from a background thread (tensors copied to CPU memory first) while training goes on."""
     init_from: str = ""
@@ -160,6 +190,8 @@ class TrainConfig:
     """The device's dense peak (e.g. 989 for an H100/H200 in bf16); when set, metrics.jsonl reports MFU."""
     tensorboard: bool = False
     """Also write the metrics as TensorBoard event files in <run_dir>/tensorboard (`tensorboard --logdir`)."""
+    resume_from: str = ""
+    """Resume from this checkpoint of run_dir instead of the newest (step-000300, or 300); implies resume."""
 
 
 @dataclass
@@ -174,6 +206,8 @@ class EvalConfig:
     """Generation length limit."""
     few_shot: int = 0
     """Exemplars from train prepended to each prompt (0 = zero-shot)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast precision of flan eval's forward passes: bf16 on CUDA and fp32 on CPU when auto."""
 
 
 @dataclass
@@ -198,6 +232,10 @@ class Config:
         if m.n_heads % m.n_kv_heads:
             fail("model.n_kv_heads", f"{m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
                  f"choose n_kv_heads among {_divisors(m.n_heads)}")
+        if m.rope_scaling != "none" and (m.rope_factor <= 0 or m.rope_high_freq_factor <= m.rope_low_freq_factor
+                                         or m.rope_original_max_len < 1):
+            fail("model.rope_scaling", f"{m.rope_scaling} needs rope_factor > 0, rope_high_freq_factor > "
+                 "rope_low_freq_factor and rope_original_max_len >= 1")
         if m.head_dim % 2:
             fail("model.head_dim", f"is {m.head_dim}; rotary embeddings need an even head_dim")
         for name in ("tp", "pp", "virtual_stages", "microbatches"):
@@ -220,18 +258,56 @@ class Config:
             check_schedule(p.schedule, p.pp, p.microbatches, p.virtual_stages)
         except ValueError as e:
             fail("parallel", str(e))
-        if t.steps < 1:
-            fail("train.steps", f"is {t.steps}; it must be at least 1")
-        if t.batch_size < 1 or t.grad_accum < 1:
-            fail("train.batch_size", "batch_size and grad_accum must be at least 1")
+        if p.bucket_mb != p.bucket_mb or p.bucket_mb <= 0:
+            fail("parallel.bucket_mb", f"is {p.bucket_mb}; it must be a positive size in MiB")
+        if not (math.isfinite(p.timeout_s) and p.timeout_s > 0):
+            fail("parallel.timeout_s", f"is {p.timeout_s}; it must be a positive number of seconds")
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(t, name) < 1:
+                fail(f"train.{name}", f"is {getattr(t, name)}; it must be at least 1")
+        for name in ("val_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(t, name) < 0:
+                fail(f"train.{name}", f"is {getattr(t, name)}; it must be 0 (off / keep all) or a positive integer")
+        if t.val_every and t.val_batches < 1:
+            fail("train.val_batches", f"is {t.val_batches}; validation (train.val_every={t.val_every}) needs at "
+                 "least 1 batch, or set train.val_every=0 to turn it off")
         if t.batch_size % t.grad_accum:
             fail("train.grad_accum", f"{t.grad_accum} does not divide train.batch_size={t.batch_size}")
-        if o.lr <= 0:
-            fail("optim.lr", f"is {o.lr}; it must be positive")
-        if not 0 <= o.min_lr_ratio <= 1:
-            fail("optim.min_lr_ratio", f"is {o.min_lr_ratio}; accepted: 0..1")
-        if self.data.seq_len < 2:
-            fail("data.seq_len", f"is {self.data.seq_len}; it must be at least 2")
+        if p.dp:  # with dp=0 the degree is known at launch: init_mesh asks batch_problem then
+            problem = batch_problem(t, p, p.dp)
+            if problem:
+                fail(*problem)
+        if not t.peak_tflops >= 0:
+            fail("train.peak_tflops", f"is {t.peak_tflops}; give the device's dense peak, or 0 (no MFU)")
+        for name, ok, accepted in (("lr", lambda v: v > 0, "a positive number"),
+                                   ("weight_decay", lambda v: v >= 0, "0 or more"),
+                                   ("beta1", lambda v: 0 <= v < 1, "0 <= beta1 < 1"),
+                                   ("beta2", lambda v: 0 <= v < 1, "0 <= beta2 < 1"),
+                                   ("eps", lambda v: v > 0, "a positive number"),
+                                   ("min_lr_ratio", lambda v: 0 <= v <= 1, "0..1"),
+                                   ("grad_clip", lambda v: v >= 0, "0 (off) or a positive number")):
+            value = getattr(o, name)
+            if not (math.isfinite(value) and ok(value)):  # nan fails every comparison: caught here too
+                fail(f"optim.{name}", f"is {value}; accepted: {accepted}")
+        if o.warmup_steps < 0:
+            fail("optim.warmup_steps", f"is {o.warmup_steps}; it must be 0 or more")
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            if not (math.isfinite(getattr(m, name)) and getattr(m, name) > 0):
+                fail(f"model.{name}", f"is {getattr(m, name)}; it must be a positive finite number")
+        d, e = self.data, self.eval
+        if d.seq_len < 2:
+            fail("data.seq_len", f"is {d.seq_len}; it must be at least 2")
+        for name in ("input_len", "target_len", "mixture_cap", "tokenizer_sentences"):
+            if getattr(d, name) < 1:
+                fail(f"data.{name}", f"is {getattr(d, name)}; it must be at least 1")
+        if d.templates_per_dataset < 0:
+            fail("data.templates_per_dataset", f"is {d.templates_per_dataset}; use 0 (all) or a positive count")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(e, name) < 1:
+                fail(f"eval.{name}", f"is {getattr(e, name)}; it must be at least 1")
+        for name in ("limit", "few_shot"):
+            if getattr(e, name) < 0:
+                fail(f"eval.{name}", f"is {getattr(e, name)}; it must be 0 or more")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,6 +332,23 @@ def layout_problem(m: ModelConfig, tp: int, pp: int = 1, virtual: int = 1) -> tu
     if m.n_layers < pp * virtual:
         return "parallel.pp", (f"pp x virtual_stages = {pp * virtual} exceeds model.n_layers={m.n_layers}; every "
                                "stage needs at least one layer")
+    return None
+
+
+def batch_problem(t: TrainConfig, p: ParallelConfig, dp: int) -> tuple[str, str] | None:
+    """Why train.batch_size cannot be split over `dp` replicas (and, under a pipeline, into grad_accum rounds
+    of parallel.microbatches equal microbatches), as (field, message), or None when it can. validate() asks
+    with an explicit parallel.dp, init_mesh with the degree the world size gives."""
+    if t.batch_size % dp:
+        return "train.batch_size", (f"{t.batch_size} rows do not split over parallel.dp={dp} replicas; choose a "
+                                    f"multiple of {dp}")
+    if p.pp > 1:
+        unit = dp * t.grad_accum * p.microbatches
+        if t.batch_size % unit:
+            return "parallel.microbatches", (
+                f"train.batch_size={t.batch_size} does not split into dp={dp} x train.grad_accum={t.grad_accum} x "
+                f"parallel.microbatches={p.microbatches} equal microbatches; choose a batch size that is a "
+                f"multiple of {unit}, or fewer microbatches")
     return None
 
 
@@ -303,22 +396,27 @@ def resolve_auto(cfg: Config, cuda_available: bool | None = None) -> Config:
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    """Check (TOML values) or convert (command-line strings) `value` to the field type `typ`."""
-    from_flag = isinstance(value, str) and typ is not str
+def _coerce(value: Any, typ: Any, where: str, from_flag: bool) -> Any:
+    """Check a TOML (or checkpoint JSON) value's type exactly, or convert a command-line string, to the field
+    type `typ`: in a file, "5" is not a number, "true" not a boolean and true not the choice 1."""
+    from_flag = from_flag and isinstance(value, str) and typ is not str
     origin = typing.get_origin(typ)
     if origin is Literal:
         choices = typing.get_args(typ)
         for c in choices:
-            if value == c or (isinstance(value, str) and str(c).lower() == value.lower()):
+            if (value == c and type(value) is type(c)) or (
+                    isinstance(value, str) and (from_flag or isinstance(c, str)) and str(c).lower() == value.lower()):
                 return c
-        raise ConfigError(f"{where}: {value!r} is not accepted; choose one of {', '.join(map(repr, choices))}")
+        mistyped = not from_flag and all(type(value) is not type(c) for c in choices)
+        raise ConfigError(f"{where}: {value!r} is not accepted; choose one of {', '.join(map(repr, choices))}"
+                          + (" (numbers and booleans unquoted, words quoted)" if mistyped else ""))
     if typ is bool:
         if isinstance(value, bool):
             return value
         if from_flag and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: {value!r} is not a boolean; write true or false")
+        raise ConfigError(f"{where}: {value!r} is not a boolean; write true or false" +
+                          ("" if from_flag else " without quotes"))
     if typ is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -327,7 +425,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 return int(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: {value!r} is not an integer")
+        raise ConfigError(f"{where}: {value!r} is not an integer" + ("" if from_flag or not isinstance(value, str)
+                                                                      else "; write it without quotes"))
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -336,7 +435,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: {value!r} is not a number")
+        raise ConfigError(f"{where}: {value!r} is not a number" + ("" if from_flag or not isinstance(value, str)
+                                                                    else "; write it without quotes"))
     if typ is str:
         if isinstance(value, str):
             return value
@@ -344,14 +444,14 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {typ}")
 
 
-def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str, from_flag: bool = False) -> None:
     if section not in SECTIONS:
         raise ConfigError(f"{where}: unknown section [{section}]; known sections: {', '.join(SECTIONS)}")
     sec = getattr(cfg, section)
     hints = typing.get_type_hints(type(sec))
     if key not in hints:
         raise ConfigError(f"{where}: unknown field {section}.{key}; fields of [{section}]: {', '.join(hints)}")
-    setattr(sec, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+    setattr(sec, key, _coerce(value, hints[key], f"{where}: {section}.{key}", from_flag))
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
@@ -379,6 +479,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        if not data:
+            raise ConfigError(f"{path}: holds no settings (empty or only comments); start from a preset such as "
+                              "configs/tiny.toml")
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: top-level key {section!r} must be a [section] table; "
@@ -386,7 +491,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             for key, value in table.items():
                 _apply(cfg, section, key, value, str(path))
     for section, key, value in parse_overrides(overrides or []):
-        _apply(cfg, section, key, value, f"flag --{section}.{key}")
+        _apply(cfg, section, key, value, f"flag --{section}.{key}", from_flag=True)
     if overrides:
         source += " + flags " + " ".join(overrides)
     return cfg.validate(source)

@@ -9,6 +9,7 @@ forward skips a missing embedding or head so that pipeline stages are made by de
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -29,13 +30,34 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        if torch.is_autocast_enabled(x.device.type):
+            # Cast once here rather than in each linear it feeds (q, k, v; gate, up): one low-precision copy is
+            # kept for backward instead of three, and sequence parallelism gathers half the bytes.
+            out = out.to(torch.get_autocast_dtype(x.device.type))
+        return out
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """The head_dim/2 rotary frequencies, rescaled for long contexts as config.json's rope_scaling says:
+    "linear" divides them all by the factor (position interpolation); "llama3" divides only the low ones
+    (wavelength above original_max_len / low_freq_factor), keeps the high ones (below original_max_len /
+    high_freq_factor) and blends smoothly in between (Llama 3.1's rule)."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        low, high, factor = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((cfg.rope_original_max_len / wavelen - low) / (high - low)).clamp(0, 1)
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+def rotary_tables(positions: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape (B, S, 1, head_dim/2) for integer positions (B, S)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, S, hd/2)
+    angles = positions.float()[..., None] * rope_frequencies(cfg, positions.device)  # (B, S, hd/2)
     return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
 
@@ -80,12 +102,30 @@ def attention_torch(q, k, v, segment_ids, *, causal=True, q_segment_ids=None, q_
 
 
 def attention(q, k, v, segment_ids, impl: str):
-    """The one attention entry point of the model: the Triton flash kernel or the PyTorch path."""
+    """The one attention entry point of the model: the Triton flash kernel or the PyTorch path.
+
+    For "triton", segment_ids is what `attention_masking` prepared: None or the kernel's segments."""
     if impl == "triton":
         from kernels.attention import flash_attention
 
         return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
     return attention_torch(q, k, v, segment_ids)
+
+
+def attention_masking(batch: Batch, impl: str, cache: "KVCache | None"):
+    """What every layer's attention masks with, prepared once per batch.
+
+    The Triton kernel gets None for an unpacked batch (no segment mask to pay) and otherwise the
+    segments with their tile bounds, computed here once rather than in every layer; the PyTorch path
+    and decoding with a cache take the ids themselves.
+    """
+    if impl != "triton" or cache is not None:
+        return batch.segment_ids
+    if not batch.packed:
+        return None
+    from kernels.attention import attention_segments
+
+    return attention_segments(batch.segment_ids, causal=True)
 
 
 @dataclass
@@ -105,7 +145,6 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.rope_theta = cfg.rope_theta
         self.impl = cfg.attention
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -182,7 +221,8 @@ class OutputHead(nn.Module):
         if impl == "triton":
             from kernels.cross_entropy import cross_entropy
 
-            return cross_entropy(logits, labels, reduction=reduction)
+            # The logits are read by nothing else: their gradient may overwrite them (1x logits memory).
+            return cross_entropy(logits, labels, reduction=reduction, inplace=True)
         loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
         if reduction == "sum":
             return loss
@@ -213,9 +253,10 @@ class Transformer(nn.Module):
         positions = batch.positions
         if cache is not None and cache.segment_ids is not None:
             positions = positions + cache_positions(cache, batch)
-        rope = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        rope = rotary_tables(positions, self.cfg)
+        masking = attention_masking(batch, self.cfg.attention, cache)
         for name, layer in self.layers.items():
-            h = layer(h, rope, batch.segment_ids, cache, name)
+            h = layer(h, rope, masking, cache, name)
         if cache is not None:
             cache.segment_ids = batch.segment_ids if cache.segment_ids is None else torch.cat(
                 [cache.segment_ids, batch.segment_ids], dim=1)
@@ -230,15 +271,43 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """GPT-2/Llama init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2 n_layers)."""
-        gen = torch.Generator().manual_seed(seed)
-        std = self.cfg.init_std
+        """The seeded initial values (`initial_region`) of every parameter, whole."""
         for name, p in self.named_parameters():
-            if p.ndim == 1:
-                p.fill_(1.0)  # RMSNorm gains
-                continue
-            s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else std
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
+            p.copy_(initial_region(self.cfg, name, tuple(p.shape), tuple((0, n) for n in p.shape), seed))
+
+
+INIT_BLOCK_ELEMENTS = 1 << 22
+"""Elements per generator block of a parameter's initial values (16 MiB of fp32): the most a shard-first build
+(engine/build.py) holds beyond its shards."""
+
+
+def _block_generator(seed: int, name: str, block: int) -> torch.Generator:
+    digest = hashlib.blake2b(f"{seed}/{name}/{block}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+
+
+def initial_region(cfg: ModelConfig, name: str, shape: tuple[int, ...], box, seed: int) -> torch.Tensor:
+    """The `box` region ((start, stop) per dim) of global parameter `name` of `shape` at initialisation (fp32).
+
+    GPT-2/Llama init: RMSNorm gains 1, everything else N(0, std), residual output projections scaled by
+    1/sqrt(2 n_layers). The values depend only on (seed, name): rows are drawn in blocks of about
+    INIT_BLOCK_ELEMENTS, each from its own generator seeded by (seed, name, block), so that any layout's slice
+    is drawn without the rest of the tensor and every layout starts from the single-device weights.
+    """
+    region = tuple(b - a for a, b in box)
+    if len(shape) == 1:
+        return torch.ones(region)
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else cfg.init_std
+    row = math.prod(shape[1:])
+    per_block = max(1, INIT_BLOCK_ELEMENTS // row)
+    (r0, r1), rest = box[0], tuple(slice(a, b) for a, b in box[1:])
+    out = torch.empty(region)
+    for block in range(r0 // per_block, (r1 - 1) // per_block + 1):
+        b0, b1 = block * per_block, min((block + 1) * per_block, shape[0])
+        values = torch.randn((b1 - b0, *shape[1:]), generator=_block_generator(seed, name, block))
+        lo, hi = max(b0, r0), min(b1, r1)
+        out[lo - r0:hi - r0] = values[(slice(lo - b0, hi - b0), *rest)]
+    return out.mul_(std)
 
 
 def cache_positions(cache: KVCache, batch: Batch) -> torch.Tensor:

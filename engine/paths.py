@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.errors import FlanError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class MissingDataError(FileNotFoundError):
-    pass
+class MissingDataError(FlanError, FileNotFoundError):
+    """The shared data folder (or a file the engine expects in it) is not there; names the path and the fix."""
 
 
 def shared_data_dir(override: str | Path | None = None) -> Path:

@@ -39,7 +39,7 @@ def _row(p: Plan) -> dict:
     lay = p.layout
     return {"dp": lay.dp, "pp": lay.pp, "tp": lay.tp, "schedule": lay.schedule + (f"x{lay.virtual_stages}"
             if lay.virtual_stages > 1 else ""), "m": lay.microbatches, "rows/mb": p.microbatch_rows,
-            "zero": lay.zero, "recomp": "full" if lay.recompute else "off",
+            "zero": lay.zero, "recomp": lay.recompute,
             "weights": p.weights_bytes / GiB, "grads": p.grads_bytes / GiB, "optim": p.optimizer_bytes / GiB,
             "activ": p.activations_bytes / GiB, "total": p.total_bytes / GiB, "step_s": p.step_s, "mfu": p.mfu}
 
@@ -78,7 +78,7 @@ def cmd_plan(args) -> int:
     if fitting:
         best = fitting[0]
         print(f"fastest: {best.layout.label()}, {best.layout.schedule}, {best.layout.microbatches} microbatches, "
-              f"ZeRO-{best.layout.zero}, recomputation {'on' if best.layout.recompute else 'off'}: "
+              f"ZeRO-{best.layout.zero}, recomputation {best.layout.recompute}: "
               f"{best.step_s:.2f} s/step, MFU {best.mfu:.1%}, {best.total_bytes / GiB:.1f} GiB per GPU")
     else:
         least = min(plans, key=lambda p: p.total_bytes, default=None)

@@ -14,7 +14,8 @@ Parameters, gradients, optimizer state (ZeRO paper's accounting, Rajbhandari et 
                       per (r, c) matrix and n per vector (no first moment, as torch.optim.Adafactor and FLAN).
     fp32 (CPU)        weights 4 + gradients 4, no master copy; the same optimizer state.
 (Today's loop keeps fp32 weights under bf16 autocast: 4 + 4 + the state, the same total per parameter as the
-mixed accounting, split differently; ZeRO-1 would then divide the optimizer state only.)
+mixed accounting, split differently, plus the bf16 cast copies below; ZeRO-1 then divides the optimizer state
+only.)
 ZeRO-1 divides the master weights and the optimizer state by dp (offered with AdamW only: the engine's ZeRO-1
 shards elementwise state, and Adafactor's factors are not). Under tensor parallelism the block matrices
 and the vocabulary are split t ways (TP_PLAN in engine/parallel/tensor.py decides which), norms are replicated.
@@ -26,16 +27,21 @@ Activations saved for backward, per layer and microbatch. Korthikanti et al. 202
 for GPT (LayerNorm, GeLU MLP of 4h, dropout, unfused attention). Re-derived for this block (RMSNorm, RoPE, GQA,
 head_dim independent of h/a, gated MLP of width f, no dropout), from what autograd keeps (q = t under sequence
 parallelism, else 1):
-    2 RMSNorms      input n h/q, normalised x n h/q (kept for the gain's gradient), 1/rms n/q fp32
+    2 RMSNorms      input n h/q, normalised x n h/q (kept for the gain's gradient), 1/rms n/q, all fp32 (the
+                    residual stream is fp32; under autocast the norm hands one bf16 copy to its linears)
     2 linear inputs the norm outputs n h: full size on every rank, since the all-gather of sequence
                     parallelism is kept (Megatron re-gathers it in backward to keep n h/t; this engine does not)
     attention       q and its output n a d/t, k and v n k d/t each, log-sum-exp n a/t fp32 (the flash kernel);
                     the PyTorch path adds the masked output copy n a d/t, the padding mask n and the additive
                     segment mask b s^2 (its s^2 term is Korthikanti's 5as/h, here without a softmax copy)
     gated MLP       gate pre-activation, its activation, up, and their product: 4 n f/t
-Activations are counted at e bytes (bf16 on GPU); the eager RMSNorm under autocast keeps its input and its
-normalised copy in fp32, 2 x 2 n h / q more bytes per layer than counted (3% at flan-137b with tp=8, sp).
-Full recomputation keeps only the block input n h/q per layer and rebuilds one layer at a time in backward.
+Activations are counted at e bytes (bf16 on GPU) except the fp32 norm terms. Under bf16 the step also keeps one
+bf16 copy of every weight of the rank (autocast's cast cache, shared by the step's microbatches), 2 B/param,
+counted with the activations.
+Recomputation (parallel.recompute): "full" keeps only the block input n h/q (fp32) per layer, "selective" also the
+matmul outputs n(a + 2k)d/t + 2 n f/t + 2 n h (and with sequence parallelism the all-gathered norm outputs 2 n h
+and reduce-scattered block outputs 2 n h/q); both rebuild one layer at a time in backward. "full" costs one more
+forward of the blocks and re-runs their collectives; "selective" only cheap elementwise work and attention.
 Per microbatch the first stage adds the rotary tables (2 n d/2 fp32) and the token ids (n int64); the last adds
 the final norm (as above) and the loss: PyTorch's log-softmax (n V/t fp32), the Triton kernel's logits-sized
 gradient (n V/t e), or the fused kernel's hidden and weight gradients (n h e + V h/t fp32).
@@ -58,6 +64,7 @@ from dataclasses import asdict, dataclass
 
 from engine.config import Config, layout_problem
 from engine.info import meta_model, training_flops_per_token
+from engine.parallel.recompute import MODES as RECOMPUTE_MODES
 from engine.parallel.tensor import planned_shard_dim
 
 GiB = 1024 ** 3
@@ -82,6 +89,8 @@ class Precision:
 
 
 BF16_MIXED = Precision("bf16-mixed", 2, 2, 4, 4, 2, attention="flash", loss="fused")
+BF16_TORCH_PATHS = Precision("bf16-mixed-torch-paths", 2, 2, 4, 4, 2, attention="torch", loss="torch")
+"""What `flan memory` measures until the Triton kernels have fake implementations."""
 FP32_CPU = Precision("fp32-cpu", 4, 4, 0, 4, 4, attention="torch", loss="torch")
 
 
@@ -120,7 +129,8 @@ class Layout:
     schedule: str = "none"
     virtual_stages: int = 1
     zero: int = 0
-    recompute: bool = False
+    recompute: str = "none"
+    """parallel.recompute: "none", "selective" or "full" (engine/parallel/recompute.py)."""
     sp: bool = False
 
     def label(self) -> str:
@@ -224,7 +234,7 @@ def layer_activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Pr
     s = cfg.data.seq_len
     n = rows * s
     q = t if layout.sp else 1
-    norms = 2 * (2 * n * m.d_model / q * e + n / q * 4)
+    norms = 2 * (2 * n * m.d_model / q * 4 + n / q * 4)  # the residual stream and the norm math are fp32
     linear_inputs = 2 * n * m.d_model * e
     attention = (2 * n * m.n_heads * m.head_dim + 2 * n * m.n_kv_heads * m.head_dim) / t * e + n * m.n_heads / t * 4
     if precision.attention == "torch":
@@ -234,9 +244,19 @@ def layer_activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Pr
 
 
 def recompute_layer_bytes(cfg: Config, layout: Layout, rows: int, precision: Precision) -> float:
-    """Bytes one block keeps under full recomputation: its input."""
-    q = layout.tp if layout.sp else 1
-    return rows * cfg.data.seq_len * cfg.model.d_model / q * precision.activation_bytes
+    """Bytes one block keeps under recomputation: its input under "full"; under "selective" also its matmul
+    outputs (q, k, v, the attention output projection, gate, up, down: the projections before their
+    reduction are full-sequence partial sums) and, with sequence parallelism, the all-gathered norm outputs
+    and the reduce-scattered block outputs (collectives are kept, never re-run)."""
+    m, t, e = cfg.model, layout.tp, precision.activation_bytes
+    n = rows * cfg.data.seq_len
+    q = t if layout.sp else 1
+    kept = n * m.d_model / q * 4  # the block input: the fp32 residual stream
+    if layout.recompute == "selective":
+        kept += (n * (m.n_heads + 2 * m.n_kv_heads) * m.head_dim / t + 2 * n * m.d_ff / t + 2 * n * m.d_model) * e
+        if layout.sp and t > 1:
+            kept += (2 * n * m.d_model + 2 * n * m.d_model / q) * e
+    return kept
 
 
 def edge_activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Precision) -> dict[str, float]:
@@ -245,7 +265,7 @@ def edge_activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Pre
     n = rows * cfg.data.seq_len
     q = t if layout.sp else 1
     first = 2 * n * (m.head_dim // 2) * 4 + n * 8  # rotary cos and sin, token ids
-    final_norm = 2 * n * m.d_model / q * e + n / q * 4 + n * m.d_model * e
+    final_norm = 2 * n * m.d_model / q * 4 + n / q * 4 + n * m.d_model * e
     loss = precision.loss if not (precision.loss == "fused" and t > 1) else "triton"  # the fused kernel is tp=1 only
     if loss == "torch":
         head = n * m.vocab_size / t * 4
@@ -256,10 +276,11 @@ def edge_activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Pre
     return {"first": first, "last": final_norm + head}
 
 
-def in_flight(layout: Layout, stage: str) -> int:
-    """Microbatches (in layer chunks) whose activations a pipeline rank holds at its peak."""
+def in_flight(layout: Layout, stage: str | int) -> int:
+    """Microbatches (in layer chunks) whose activations a pipeline rank ("first", "last" or its index) holds
+    at its peak."""
     p, v, mb = layout.pp, layout.virtual_stages, layout.microbatches
-    r = 0 if stage == "first" else p - 1
+    r = pipeline_rank(layout, stage)
     if layout.schedule in ("none",) or p == 1:
         return 1
     if layout.schedule == "gpipe":
@@ -269,22 +290,44 @@ def in_flight(layout: Layout, stage: str) -> int:
     return min(2 * (p - 1 - r) + (v - 1) * p + 1, mb * v)
 
 
-def activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Precision, stage: str) -> float:
+def cast_bytes(params: RankParameters, precision: Precision) -> float:
+    """The bf16 copy of every weight a mixed-precision step keeps (none when the weights are the compute dtype)."""
+    return params.elements * precision.activation_bytes if precision.master_bytes else 0.0
+
+
+def pipeline_rank(layout: Layout, stage: str | int) -> int:
+    return {"first": 0, "last": layout.pp - 1}.get(stage, stage)
+
+
+def kept_activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Precision, stage: str) -> float:
+    """What a rank keeps for backward at its fullest point of the schedule (without the one block that
+    recomputation rebuilds in backward)."""
     chunk_layers = layers_per_chunk(cfg, layout) if layout.pp > 1 else cfg.model.n_layers
     chunks = in_flight(layout, stage)
-    full_layer = layer_activation_bytes(cfg, layout, rows, precision)
-    if layout.recompute:
-        blocks = chunks * chunk_layers * recompute_layer_bytes(cfg, layout, rows, precision) + full_layer
+    if layout.recompute == "none":
+        blocks = chunks * chunk_layers * layer_activation_bytes(cfg, layout, rows, precision)
     else:
-        blocks = chunks * chunk_layers * full_layer
+        blocks = chunks * chunk_layers * recompute_layer_bytes(cfg, layout, rows, precision)
     edges = edge_activation_bytes(cfg, layout, rows, precision)
     # The first rank keeps its edge activations for each microbatch in flight; the last runs the head's
-    # backward right after its forward (1F1B) or keeps every microbatch's (GPipe).
-    edge_count = min(chunks, layout.microbatches) if stage == "first" else (
+    # backward right after its forward (1F1B) or keeps every microbatch's (GPipe); middle ranks have none.
+    r = pipeline_rank(layout, stage)
+    edge_count = min(chunks, layout.microbatches) if r == 0 else (
         layout.microbatches if layout.schedule == "gpipe" else 1)
-    edge = edges["first"] if layout.pp > 1 and stage == "first" else (
-        edges["last"] if layout.pp > 1 else edges["first"] + edges["last"])
+    edge = (edges["first"] + edges["last"] if layout.pp == 1 else edges["first"] if r == 0 else
+            edges["last"] if r == layout.pp - 1 else 0.0)
     return blocks + edge_count * edge
+
+
+def activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Precision, stage: str) -> float:
+    """Activation bytes at a rank's peak: what it keeps, plus (with recomputation) the one block rebuilt in
+    backward (under "selective" the part of it not kept)."""
+    kept = kept_activation_bytes(cfg, layout, rows, precision, stage)
+    if layout.recompute == "none":
+        return kept
+    full = layer_activation_bytes(cfg, layout, rows, precision)
+    return kept + full - (recompute_layer_bytes(cfg, layout, rows, precision) if layout.recompute == "selective"
+                          else 0.0)
 
 
 # ---- time ---------------------------------------------------------------------------------------------------
@@ -302,13 +345,13 @@ def step_time(cfg: Config, layout: Layout, rows: int, params: RankParameters, pr
     flops = training_flops_per_token(cfg)
     model_flops = flops["total"] * tokens
     executed = model_flops
-    if layout.recompute:  # one more forward of the blocks (a third of their training FLOPs), not of the head
+    if layout.recompute == "full":  # one more forward of the blocks (a third of their training FLOPs), not the head
         executed += (flops["total"] - 6 * cfg.model.vocab_size * cfg.model.d_model) / 3 * tokens
     compute = executed / (gpus * hw.peak_flops * hw.efficiency)
     e, t = precision.activation_bytes, layout.tp
     activation = rows * cfg.data.seq_len * cfg.model.d_model * e
     chunk_layers = layers_per_chunk(cfg, layout) * layout.virtual_stages if layout.pp > 1 else cfg.model.n_layers
-    collectives = 6 if layout.recompute else 4
+    collectives = 6 if layout.recompute == "full" else 4  # selective keeps the collectives' outputs
     tp_comm = (chunk_layers * layout.microbatches * collectives * 2 * (t - 1) / t * activation / hw.intra_node_bw
                if t > 1 else 0.0)
     pipeline = (compute + tp_comm) * bubble_fraction(layout)
@@ -337,7 +380,7 @@ def plan(cfg: Config, layout: Layout, hw: Hardware, precision: Precision = BF16_
     ranks = {}
     for stage in ("first", "last"):
         states = state_bytes(cfg, layout, params[stage], precision)
-        act = activation_bytes(cfg, layout, rows, precision, stage)
+        act = activation_bytes(cfg, layout, rows, precision, stage) + cast_bytes(params[stage], precision)
         ranks[stage] = (sum(states.values()) + act, states, act)
     total, states, act = max(ranks.values(), key=lambda r: r[0])
     heaviest = max(params.values(), key=lambda r: r.elements)
@@ -345,6 +388,32 @@ def plan(cfg: Config, layout: Layout, hw: Hardware, precision: Precision = BF16_
     fits = total <= hw.memory_bytes * (1 - hw.reserve)
     return Plan(layout, rows, states["weights"], states["grads"], states["optimizer"], act, total,
                 times["total"], times["mfu"], fits, times)
+
+
+def config_layout(cfg: Config) -> Layout:
+    """The planner's Layout of a config's own parallel section (dp 0 taken as 1)."""
+    p = cfg.parallel
+    pipelined = p.pp > 1
+    return Layout(max(p.dp, 1), p.pp, p.tp, p.microbatches if pipelined else 1, p.schedule if pipelined else "none",
+                  p.virtual_stages if pipelined else 1, p.zero, p.recompute, p.sp and p.tp > 1)
+
+
+def rank_bytes(cfg: Config, layout: Layout, pp_rank: int, precision: Precision = BF16_MIXED) -> dict[str, float]:
+    """The planned bytes of pipeline rank `pp_rank`: weights, grads, optimizer, activations and total."""
+    rows = cfg.train.batch_size // (layout.dp * layout.microbatches)
+    shapes = model_shapes(cfg)
+    layer = [_local_shape(n, s, layout.tp) for n, s in shapes.layer]
+    held = layer * (layers_per_chunk(cfg, layout) * layout.virtual_stages)
+    if pp_rank == 0:
+        held += [_local_shape(n, s, layout.tp) for n, s in shapes.embedding]
+    if pp_rank == layout.pp - 1:
+        held += [_local_shape(n, s, layout.tp) for n, s in shapes.final]
+        if cfg.model.tie_embeddings and layout.pp > 1:
+            held += [_local_shape(n, s, layout.tp) for n, s in shapes.embedding]
+    out = state_bytes(cfg, layout, _count(held), precision)
+    out["activations"] = activation_bytes(cfg, layout, rows, precision, pp_rank) + cast_bytes(_count(held), precision)
+    out["total"] = sum(out.values())
+    return out
 
 
 def _divisors(n: int) -> list[int]:
@@ -373,7 +442,7 @@ def candidate_layouts(cfg: Config, gpus: int, gpus_per_node: int = 8) -> list[La
                     if schedule == "interleaved" and mb % pp:
                         continue  # Megatron-LM's interleaved schedule needs m a multiple of p
                     for zero in zero_choices:
-                        for recompute in (False, True):
+                        for recompute in RECOMPUTE_MODES:
                             out.append(Layout(dp, pp, tp, mb, schedule, v, zero, recompute, sp_choices[0]))
     return out
 

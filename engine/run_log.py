@@ -79,6 +79,15 @@ def write_run_record(run_dir: Path, record: dict) -> None:
 
 
 # ---- the metrics logger -------------------------------------------------------------------------------------
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line, or None for a line a kill cut short (dropped on resume, like later lines)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class JsonlSink:
     """metrics.jsonl: one line per record; a resumed run first drops the lines after its checkpoint."""
 
@@ -87,7 +96,8 @@ class JsonlSink:
         if start_step == 0 or not path.is_file():
             path.write_text("")
         else:
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            kept = [line for line in path.read_text(errors="replace").splitlines()
+                    if (record := _record(line)) is not None and record.get("step", 0) <= start_step]
             path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -151,7 +161,7 @@ def plot_losses(metrics_path: Path, out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    rows = [r for line in metrics_path.read_text(errors="replace").splitlines() if (r := _record(line)) and "loss" in r]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))

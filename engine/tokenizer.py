@@ -1,8 +1,13 @@
-"""SentencePiece tokenizer: trained on the corpus and dataset text, cached by a hash of inputs and settings.
+"""Tokenizers behind one interface, with two backends: SentencePiece (.model: unigram or BPE, byte fallback)
+and Hugging Face `tokenizers` (tokenizer.json, e.g. Llama 3's byte-level BPE).
 
-    flan tokenizer train configs/tiny.toml        # trains (or finds in the cache) and prints the path
+    tok = Tokenizer.load("runs/llama/tokenizer.json")   # or a .model file; tokenizer_config.json beside it
+    tok.encode("Hello") -> ids without specials;  tok.bos_prefix -> [bos_id] when the model adds BOS
+    flan tokenizer train configs/tiny.toml             # trains our own (SentencePiece), cached, prints the path
 
-Any existing SentencePiece .model file can be used instead with --data.tokenizer=PATH.
+BOS/EOS/pad and whether BOS starts every input come from the model's own tokenizer_config.json when one lies
+beside the file (add_bos_token, bos_token, ...), else from the file itself; a tokenizer we train has no
+config and adds no BOS. Training stays SentencePiece unigram, cached by a hash of inputs and settings.
 """
 from __future__ import annotations
 
@@ -19,43 +24,94 @@ from engine.paths import REPO_ROOT, shared_data_dir
 # Fixed special ids so that checkpoints and packed batches agree across trained tokenizers.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
+CONFIG_FILE = "tokenizer_config.json"
+
+
+def _token_name(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    return value.get("content") if isinstance(value, dict) else value
+
 
 class Tokenizer:
-    def __init__(self, processor: spm.SentencePieceProcessor, path: Path):
-        self.sp = processor
-        self.path = path
+    """The interface every backend implements; `Tokenizer.load(path)` picks the backend by the file."""
 
-    @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
+    path: Path
+    kind: str
+    """"sentencepiece-unigram", "sentencepiece-bpe" or "tokenizers"."""
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    add_bos: bool
+    """Whether the model's inputs start with BOS (tokenizer_config.json's add_bos_token)."""
+
+    @staticmethod
+    def load(path: str | Path) -> "Tokenizer":
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: SentencePiece model not found; train one with "
-                                    "`flan tokenizer train CONFIG` or set --data.tokenizer=PATH to a .model file")
-        sp = spm.SentencePieceProcessor()
-        try:
-            sp.Load(str(path))
-        except (OSError, RuntimeError) as e:
-            raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
-        return cls(sp, path)
+            raise FileNotFoundError(f"{path}: tokenizer not found; train one with `flan tokenizer train CONFIG` or "
+                                    "set --data.tokenizer=PATH to a SentencePiece .model or a tokenizer.json")
+        special = {}
+        if (path.parent / CONFIG_FILE).is_file() and path.name in ("tokenizer.model", "tokenizer.json"):
+            try:
+                special = json.loads((path.parent / CONFIG_FILE).read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ValueError(f"{path.parent / CONFIG_FILE}: not valid JSON ({e})") from None
+        backend = HFTokenizer if path.suffix == ".json" else SentencePieceTokenizer
+        return backend(path, special)
 
     @property
-    def vocab_size(self) -> int:
-        return self.sp.GetPieceSize()
-
-    @property
-    def pad_id(self) -> int:
-        return max(self.sp.pad_id(), 0)
-
-    @property
-    def bos_id(self) -> int:
-        return self.sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self.sp.eos_id()
+    def bos_prefix(self) -> list[int]:
+        """What starts every model input: [bos_id] when the model adds BOS, else nothing."""
+        return [self.bos_id] if self.add_bos else []
 
     def encode(self, text: str) -> list[int]:
         """Token ids without BOS/EOS."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def _specials(self, special: dict, to_id, defaults: dict[str, int]) -> None:
+        """bos/eos/pad ids: the config's named tokens where it names them, else the file's own."""
+        for key in ("bos", "eos", "pad"):
+            name = _token_name(special.get(f"{key}_token"))
+            found = to_id(name) if name else None
+            setattr(self, f"{key}_id", found if found is not None else defaults[key])
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: Path, special: dict):
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(path))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(path.read_bytes())
+        self.kind = {1: "sentencepiece-unigram", 2: "sentencepiece-bpe"}.get(proto.trainer_spec.model_type, "")
+        if not self.kind:
+            raise ValueError(f"{path}: SentencePiece model_type {proto.trainer_spec.model_type} is neither unigram "
+                             "nor BPE; only those two are supported")
+        self.vocab_size = self.sp.GetPieceSize()
+
+        def to_id(piece):
+            i = self.sp.PieceToId(piece)
+            return i if self.sp.IdToPiece(i) == piece else None
+
+        # No pad piece (Llama 2): pad with id 0; padding is masked everywhere it is used.
+        self._specials(special, to_id,
+                       {"bos": self.sp.bos_id(), "eos": self.sp.eos_id(), "pad": max(self.sp.pad_id(), 0)})
+        # transformers' LlamaTokenizer (Llama 2, Mistral) adds BOS unless its config says otherwise.
+        self.add_bos = bool(special.get("add_bos_token", special.get("tokenizer_class", "").startswith("Llama")))
+
+    def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -63,6 +119,42 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.DecodeIds([int(i) for i in ids])
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` tokenizer.json (ids without its post-processor's specials; BOS by add_bos)."""
+
+    kind = "tokenizers"
+
+    def __init__(self, path: Path, special: dict):
+        from tokenizers import Tokenizer as Backend
+
+        self.path = path
+        try:
+            self.tok = Backend.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise ValueError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        # What the file's own post-processor puts first (Llama 3: <|begin_of_text|>), if anything.
+        plain, wrapped = self.tok.encode("a", add_special_tokens=False).ids, self.tok.encode("a").ids
+        added = wrapped[0] if len(wrapped) > len(plain) and wrapped[1:1 + len(plain)] == plain else None
+        eos = next((i for i in map(self.tok.token_to_id, ("</s>", "<|end_of_text|>")) if i is not None), 0)
+        self._specials(special, self.tok.token_to_id, {"bos": added if added is not None else 0, "eos": eos,
+                                                       "pad": None})
+        if self.pad_id is None:  # Llama 3 names no pad token: pad with EOS (padding is masked)
+            self.pad_id = self.eos_id
+        self.add_bos = bool(special.get("add_bos_token", added is not None and added == self.bos_id))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
 def training_files(cfg: Config) -> list[Path]:
@@ -124,7 +216,7 @@ def train_tokenizer(cfg: Config) -> Path:
 
 
 def load_tokenizer(cfg: Config) -> Tokenizer:
-    """The configured .model file, or the cached trained one (training it first if needed)."""
+    """The configured tokenizer file (.model or tokenizer.json), or the cached trained one (trained if needed)."""
     tok = Tokenizer.load(cfg.data.tokenizer) if cfg.data.tokenizer else Tokenizer.load(train_tokenizer(cfg))
     if tok.vocab_size != cfg.model.vocab_size:
         raise ValueError(f"{tok.path}: tokenizer has {tok.vocab_size} pieces but model.vocab_size="

@@ -35,23 +35,17 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine.batch import Batch
-from engine.config import Config, ConfigError, resolve_auto
+from engine.build import build_layout as shard_first_layout
+from engine.config import Config, resolve_auto
 from engine.data_source import BatchSource
 from engine.info import training_flops_per_token
-from engine.model import build_model
 from engine.optim import lr_at, set_lr
-from engine.parallel import Layout, Mesh, init_mesh, parallelize
-from engine.parallel.layout import precision_context
+from engine.parallel import Layout, Mesh, init_mesh
+from engine.resume import preflight, resume
 from engine.run_log import MetricsLogger, plot_losses, run_record, write_run_record
 
 MakeSource = Callable[[Config, int, int], BatchSource]
 """make_source(cfg, dp_rank, dp_size): the stream of this data-parallel rank's rows (engine/data_source.py)."""
-
-
-def autocast(cfg: Config, device: torch.device):
-    """The precision context for code that runs the model without a Layout (flan eval): train.precision, its
-    "auto" made for `device` by the config's one rule."""
-    return precision_context(resolve_auto(cfg, cuda_available=device.type == "cuda").train.precision, device)
 
 
 def train_step(layout: Layout, optimizer, rows: Batch, step: int) -> dict:
@@ -110,10 +104,16 @@ def train(cfg: Config, make_source: MakeSource, *, kind: str = "pretrain", heldo
     """Train for cfg.train.steps optimizer steps; `make_source(cfg, dp_rank, dp_size)` builds this rank's
     BatchSource. `heldout_clusters` (tuning) goes into run.json. Returns a summary (final loss, last
     validation loss, run folder)."""
+    preflight(cfg, kind)  # every check that needs no model, before any work (engine/resume.py)
     run = setup(cfg, make_source, kind, list(heldout_clusters))
     try:
         summary = run_loop(run)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # a peer that died in the last save stops this rank here, not in wait()
         run.saver.wait()
+    except BaseException:
+        run.saver.abort()  # a failing rank never waits on its background save
+        raise
     finally:
         run.logger.close()
     if run.mesh.is_logging_rank:
@@ -136,7 +136,7 @@ def setup(cfg: Config, make_source: MakeSource, kind: str, heldout_clusters: lis
     layout, init_from = build_layout(resolved, mesh)
     optimizer = layout.build_optimizer()
     saver = ckpt.Checkpointer(run_dir, mesh, cfg.train.keep_checkpoints, cfg.train.async_save)
-    start = resume(run_dir, cfg, layout, optimizer, source)
+    start = resume(run_dir, cfg, kind, layout, optimizer, source)
     tokens_per_step = cfg.train.batch_size * row_length(cfg, kind)
     if mesh.is_logging_rank:
         write_run_record(run_dir, run_record(kind, cfg, resolved, layout.summary(), mesh.world_size,
@@ -147,30 +147,15 @@ def setup(cfg: Config, make_source: MakeSource, kind: str, heldout_clusters: lis
 
 
 def build_layout(cfg: Config, mesh: Mesh) -> tuple[Layout, str | None]:
-    """The seeded single-device model (or train.init_from's weights), laid out for this rank; and the step
-    folder its weights came from."""
-    model = build_model(cfg.model, cfg.train.seed, device="cpu")
-    init_from = None
-    if cfg.train.init_from:
-        where = Path(cfg.train.init_from)
-        where = ckpt.latest_checkpoint(where) or where
-        ckpt.apply_model_state(model, ckpt.load_model_state(where), where)
-        init_from = str(where)
-    return parallelize(model.to(mesh.device), cfg, mesh), init_from
-
-
-def resume(run_dir: Path, cfg: Config, layout: Layout, optimizer, source: BatchSource) -> int:
-    """The step to start from: the newest checkpoint's with train.resume (weights, optimizer, RNG and data
-    position restored), else 0; a run folder that holds checkpoints is never started over silently."""
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is not None and not cfg.train.resume:
-        raise ConfigError(f"train.run_dir: {run_dir} already holds checkpoints (newest {latest.name}); pass "
-                          "--train.resume=true to continue that run, or choose another --train.run_dir")
-    if not cfg.train.resume or latest is None:
-        return 0
-    meta = ckpt.load_checkpoint(latest, layout, optimizer)
-    source.load_state_dict(meta["data"])
-    return meta["step"]
+    """This rank's shards of the seeded model, built shard-first (engine/build.py), or of train.init_from's
+    weights (only this rank's slices read); and the step folder its weights came from."""
+    if not cfg.train.init_from:
+        return shard_first_layout(cfg, mesh), None
+    where = Path(cfg.train.init_from)
+    where = ckpt.latest_checkpoint(where) or where
+    layout = shard_first_layout(cfg, mesh, initialise=False)
+    ckpt.load_weights(where, layout)
+    return layout, str(where)
 
 
 def run_loop(run: Run) -> dict:

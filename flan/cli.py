@@ -11,17 +11,21 @@
     flan checkpoint inspect DIR | convert DIR OUT --layout dp=1,pp=1,tp=1
     torchrun --nproc-per-node=2 -m flan pretrain configs/tiny.toml --parallel.tp=2
 
-Any `--section.field=value` flag after the config overrides that field of the TOML file.
+Any `--section.field=value` flag after the config overrides that field of the TOML file; `--debug` shows the
+traceback of an error. Exit codes: 0 success, 1 runtime failure (damaged input, full disk, dead peer),
+2 usage or config error, 130 interrupted (engine/errors.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 
 from engine.config import Config, ConfigError, load_config
+from engine.errors import INTERRUPTED, RUNTIME, FlanError, os_error_message
 
 
 def _config(args) -> Config:
@@ -58,10 +62,12 @@ def cmd_tokenizer_train(args) -> int:
 def cmd_pretrain(args) -> int:
     from engine.corpus import CorpusStream, unigram_entropy
     from engine.data_source import RankSlice
+    from engine.resume import preflight
     from engine.tokenizer import load_tokenizer
     from engine.train import train
 
     cfg = _config(args)
+    preflight(cfg, "pretrain")  # before the tokenizer, which may train for minutes
     tokenizer = load_tokenizer(cfg)
     # The in-memory corpus yields global batches: each data-parallel rank takes its block of rows.
     summary = train(cfg, lambda c, rank, size: RankSlice(CorpusStream(c, tokenizer), rank, size), kind="pretrain")
@@ -73,15 +79,22 @@ def cmd_pretrain(args) -> int:
 
 def cmd_tune(args) -> int:
     from engine.data_source import RankSlice
+    from engine.resume import preflight
     from engine.tokenizer import load_tokenizer
     from engine.train import train
     from flan.mixture import TuningStream
     from flan.registry import load_registry
 
     cfg = _config(args)
+    preflight(cfg, "tune")  # before the tokenizer, which may train for minutes
     tokenizer = load_tokenizer(cfg)
-    heldout = cfg.data.heldout_cluster
-    excluded = load_registry().excluded_clusters(heldout) if heldout else []
+    heldout, registry = cfg.data.heldout_cluster, load_registry()
+    excluded = registry.excluded_clusters(heldout) if heldout else []
+    if cfg.data.train_clusters:  # run.json lists every cluster the mixture leaves out
+        from flan.mixture import eligible_tasks
+
+        trained = {t.cluster for t in eligible_tasks(registry, heldout or None, cfg.data.train_clusters)}
+        excluded = [c for c in registry.clusters if c not in trained]
     # The mixture packs global batches: each data-parallel rank takes its block of rows.
     _print_summary(train(cfg, lambda c, rank, size: RankSlice(TuningStream(c, tokenizer), rank, size), kind="tune",
                          heldout_clusters=excluded))
@@ -96,6 +109,7 @@ def _print_summary(summary: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flan", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (accepted anywhere)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p):
@@ -116,22 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_tune)
 
     from engine.checkpoint_cli import add_checkpoint_commands
+    from engine.memory_cli import add_memory_commands
     from engine.parallel.schedule_cli import add_pipeline_commands
     from engine.plan_cli import add_plan_commands
     from flan.data_cli import add_data_commands
     from flan.eval_cli import add_eval_commands
+    from flan.experiment_cli import add_experiment_commands
+    from flan.prompt_tune_cli import add_prompt_tune_commands
 
     add_data_commands(sub)
     add_eval_commands(sub)
+    add_prompt_tune_commands(sub)
+    add_experiment_commands(sub)
     add_plan_commands(sub)
+    add_memory_commands(sub)
     add_checkpoint_commands(sub)
     add_pipeline_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; the one place that turns expected errors into one line on stderr and an exit code
+    (engine/errors.py: 2 usage or config, 1 runtime, 130 interrupted). `--debug` anywhere shows tracebacks."""
     if hasattr(signal, "SIGPIPE"):  # `flan data tasks | head` ends quietly, like any Unix tool
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=", 1)[0] and "=" in a)]
@@ -140,9 +165,37 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = rest
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"flan: config error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if debug:
+            raise
+        code, message = _describe(e)
+        print(f"flan {args.command}: {message}", file=sys.stderr, flush=True)
+        return code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"flan {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _describe(e: Exception) -> tuple[int, str]:
+    """(exit code, one line) for an error that escaped a command."""
+    if isinstance(e, FlanError):
+        kind = "config error" if isinstance(e, ConfigError) else "error"
+        return e.exit_code, f"{kind}: {e}"
+    if isinstance(e, OSError) and (e.filename is not None or e.errno is not None):
+        return RUNTIME, f"error: {os_error_message(e)}"
+    dist = sys.modules.get("torch.distributed")
+    text = str(e).strip()
+    # gloo reports a peer that died as a plain RuntimeError from its transport; NCCL and the store as DistError.
+    if dist is not None and (isinstance(e, dist.DistError) or (
+            isinstance(e, RuntimeError) and dist.is_initialized() and ("gloo" in text or "NCCL" in text))):
+        first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(e).__name__)
+        first = first.split(". This is typically")[0]
+        return RUNTIME, (f"error: another rank stopped or stopped answering ({first}); see that rank's output for "
+                         "the cause. Completed checkpoints are intact: continue with --train.resume=true")
+    return RUNTIME, (f"internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); this is "
+                     "a bug in flan-engine: rerun with --debug for the traceback and report it")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from collections import defaultdict
 from engine.config import load_config
 from pathlib import Path
 
+from engine.errors import USAGE
 from flan.loaders import SPLITS, DataError, count_examples, data_dirs, has_split, load_split
-from flan.registry import RegistryError, load_registry
+from flan.registry import load_registry
 from flan.templates import TemplateError, load_templates, render_template
 
 
@@ -76,7 +77,8 @@ def cmd_preview(args) -> int:
     for i, row in enumerate(rows[: args.n]):
         index = args.template if args.template is not None else i % len(templates)
         if not 0 <= index < len(templates):
-            raise TemplateError(f"{spec.name}: --template {index} out of range 0..{len(templates) - 1}")
+            raise TemplateError(f"{spec.name}: --template {index} out of range 0..{len(templates) - 1}",
+                                exit_code=USAGE)
         t = templates[index]
         ex = render_template(spec, t, row)
         flag = ", turned around" if t.turned_around else ""
@@ -169,17 +171,6 @@ def cmd_prepare(args) -> int:
     return 1 if failed else 0
 
 
-def _guarded(handler):
-    """Report data, template and registry errors as one line and exit code 1, not a traceback."""
-    def run(args) -> int:
-        try:
-            return handler(args)
-        except (DataError, TemplateError, RegistryError) as e:
-            print(f"flan: {e}", file=sys.stderr)
-            return 1
-    return run
-
-
 def add_data_commands(subparsers) -> None:
     """Register `flan data tasks | preview | mix` on the top-level subparsers of flan/cli.py."""
     data = subparsers.add_parser("data", help="datasets, templates and the tuning mixture")
@@ -187,19 +178,19 @@ def add_data_commands(subparsers) -> None:
 
     p = sub.add_parser("tasks", help="every registered dataset with its cluster, kind, templates and local data")
     p.add_argument("--json", action="store_true", help="a JSON list of {name, cluster, kind, templates, examples}")
-    p.set_defaults(func=_guarded(cmd_tasks))
+    p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("preview", help="render real rows of a dataset with its templates")
     p.add_argument("dataset", help="registry name, e.g. rte (see `flan data tasks`)")
     p.add_argument("--template", type=int, default=None, help="template index (default: cycle through all)")
     p.add_argument("--n", type=int, default=3, help="rows to show")
     p.add_argument("--split", choices=SPLITS, default=None, help="default: the first split with data")
-    p.set_defaults(func=_guarded(cmd_preview))
+    p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("mix", help="mixing rates, examples and tokens per dataset, packing efficiency")
     p.add_argument("config", help="TOML config, e.g. configs/tiny.toml")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_guarded(cmd_mix))
+    p.set_defaults(func=cmd_mix)
 
     p = sub.add_parser("prepare", help="bring datasets' public data (hub or a local copy) into data.prepared_dir")
     p.add_argument("datasets", nargs="*", help="registry names (see `flan data tasks`)")
@@ -208,4 +199,4 @@ def add_data_commands(subparsers) -> None:
                    help="read a local copy (save_to_disk folder or hub-layout parquet/JSON) instead of the hub")
     p.add_argument("--out", default=None, help="output folder (default: data.prepared_dir)")
     p.add_argument("--max-rows", type=int, default=None, help="at most N rows per split")
-    p.set_defaults(func=_guarded(cmd_prepare))
+    p.set_defaults(func=cmd_prepare)

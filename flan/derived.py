@@ -16,6 +16,8 @@ import random
 import re
 from pathlib import Path
 
+from engine.errors import FlanError
+
 CORPUS_FILES = {"train": "train.txt", "validation": "valid.txt"}
 # WikiText splits numbers and hyphenated words with @-@ style tokens and spaces out punctuation.
 _WIKI_JOINS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
@@ -29,8 +31,8 @@ _PUNCT = re.compile(r"[^\w\s]")
 _VARIABLES = "abcdfghjklmnpqrstuvwxyz"
 
 
-class DerivedDataError(ValueError):
-    pass
+class DerivedDataError(FlanError, ValueError):
+    """A derived dataset (fix_punct, math_dataset) that cannot be generated; names the source and why."""
 
 
 def detokenize_wikitext(line: str) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from engine.errors import FlanError
 import numpy as np
 
 from engine.paths import MissingDataError, shared_data_dir
@@ -36,7 +37,7 @@ _TYPE_CHECKS = {
 }
 
 
-class DataError(ValueError):
+class DataError(FlanError, ValueError):
     """A dataset file is missing or holds a malformed row."""
 
 

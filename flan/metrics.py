@@ -9,7 +9,8 @@ best over them, as SQuAD's script does; BLEU and ROUGE use the first (the target
 Which metrics a dataset gets follows its registry `metric`: accuracy -> rank accuracy (exact match for a
 generated answer), exact_match / f1 -> both SQuAD metrics, bleu -> sacrebleu corpus BLEU, rouge ->
 rouge-score ROUGE-1/2/L F-measure. A mean over examples gets std / sqrt(n) as its standard error; corpus
-BLEU, which is no mean, gets a seeded bootstrap over examples.
+BLEU, which is no mean, gets a seeded bootstrap over examples (flan/stats.py). The per-example values
+(`rank_per_example`, `generation_per_example`) feed the samples files and the clustered intervals.
 """
 from __future__ import annotations
 
@@ -21,9 +22,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-
-BOOTSTRAP_RESAMPLES = 200
-
 
 @dataclass(frozen=True)
 class Score:
@@ -51,13 +49,23 @@ def accuracy(predictions: Sequence[int], golds: Sequence[int]) -> Score:
     return Score(100.0 * p, 100.0 * math.sqrt(p * (1 - p) / n), n)
 
 
+PREDICTIONS = {"acc": "prediction", "acc_norm_token": "prediction_per_token", "acc_norm_byte": "prediction_per_byte"}
+"""Each rank metric and the RankResult property that predicts under its normalisation."""
+
+
+def rank_predictions(result) -> dict[str, int]:
+    """The option each rank metric picks for one result (summed, per-token, per-byte log-probability)."""
+    return {name: getattr(result, attr) for name, attr in PREDICTIONS.items()}
+
+
+def rank_per_example(results, golds: Sequence[int]) -> dict[str, list[float]]:
+    """1.0 where the metric's prediction is the gold option, else 0.0, per example."""
+    return {name: [float(getattr(r, attr) == g) for r, g in zip(results, golds)] for name, attr in PREDICTIONS.items()}
+
+
 def rank_metrics(results, golds: Sequence[int]) -> dict[str, Score]:
     """Accuracy of rank classification: summed log-prob, per-token and per-byte normalised (acc_norm)."""
-    return {
-        "acc": accuracy([r.prediction for r in results], golds),
-        "acc_norm_token": accuracy([r.prediction_per_token for r in results], golds),
-        "acc_norm_byte": accuracy([r.prediction_per_byte for r in results], golds),
-    }
+    return {name: accuracy([getattr(r, attr) for r in results], golds) for name, attr in PREDICTIONS.items()}
 
 
 def normalize_answer(text: str) -> str:
@@ -90,52 +98,57 @@ def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
 
 
-def bootstrap_stderr(statistic, predictions: Sequence[str], references: Sequence[str], seed: int = 0) -> float:
-    """Std of `statistic` over seeded resamples (with replacement) of the examples."""
-    n = len(predictions)
-    if n < 2:
-        return 0.0
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        idx = rng.integers(0, n, n)
-        values.append(statistic([predictions[i] for i in idx], [references[i] for i in idx]))
-    return float(np.std(values, ddof=1))
-
-
-def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Score]:
+def rouge_per_example(predictions: Sequence[str], references: Sequence[str]) -> dict[str, list[float]]:
     from rouge_score import rouge_scorer
 
     kinds = ("rouge1", "rouge2", "rougeL")
     scorer = rouge_scorer.RougeScorer(list(kinds), use_stemmer=True)
     per = [scorer.score(ref, pred) for pred, ref in zip(predictions, references)]
-    return {k: mean_score([s[k].fmeasure for s in per]) for k in kinds}
+    return {k: [s[k].fmeasure for s in per] for k in kinds}
 
 
 def best_over(score, prediction: str, references: Sequence[str]) -> float:
     return max(score(prediction, r) for r in references)
 
 
+def _check_generation(predictions, references) -> None:
+    if len(predictions) != len(references) or not predictions or not all(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists; need equal "
+                         "counts, at least one example, and at least one reference per example")
+
+
+def generation_per_example(metric: str, predictions: Sequence[str],
+                           references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
+    """Each example's value of every metric that is a mean over examples (all but corpus BLEU), in [0, 1]."""
+    _check_generation(predictions, references)
+    out = {"exact_match": [best_over(exact_match, p, r) for p, r in zip(predictions, references)]}
+    if metric in ("exact_match", "f1"):
+        out["f1"] = [best_over(token_f1, p, r) for p, r in zip(predictions, references)]
+    elif metric == "bleu":
+        out = {}
+    elif metric == "rouge":
+        out = rouge_per_example(predictions, [r[0] for r in references])
+    elif metric != "accuracy":
+        raise ValueError(f"unknown metric {metric!r}; accepted: accuracy, exact_match, f1, bleu, rouge")
+    return out
+
+
 def generation_metrics(metric: str, predictions: Sequence[str],
                        references: Sequence[Sequence[str]]) -> dict[str, Score]:
     """The metrics of a generation dataset whose registry metric is `metric`; references[i] lists the
     accepted answers of example i (at least one)."""
-    if len(predictions) != len(references) or not predictions or not all(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} reference lists; need equal "
-                         "counts, at least one example, and at least one reference per example")
-    em = [best_over(exact_match, p, r) for p, r in zip(predictions, references)]
-    if metric in ("exact_match", "f1"):
-        return {"exact_match": mean_score(em),
-                "f1": mean_score([best_over(token_f1, p, r) for p, r in zip(predictions, references)])}
-    if metric == "accuracy":
-        return {"exact_match": mean_score(em)}
-    first = [r[0] for r in references]
+    from flan.stats import bootstrap_stderr
+
+    out = {name: mean_score(values) for name, values in generation_per_example(metric, predictions, references).items()}
     if metric == "bleu":
-        return {"bleu": Score(corpus_bleu(predictions, first), bootstrap_stderr(corpus_bleu, predictions, first),
-                              len(predictions))}
-    if metric == "rouge":
-        return rouge_scores(predictions, first)
-    raise ValueError(f"unknown metric {metric!r}; accepted: accuracy, exact_match, f1, bleu, rouge")
+        first = [r[0] for r in references]
+
+        def resampled(idx) -> float:
+            return corpus_bleu([predictions[i] for i in idx], [first[i] for i in idx])
+
+        out["bleu"] = Score(corpus_bleu(predictions, first), bootstrap_stderr(resampled, len(predictions)),
+                            len(predictions))
+    return out
 
 
 def primary_metric(metric: str, ranked: bool) -> str:

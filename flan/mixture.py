@@ -4,9 +4,10 @@
     stream = TuningStream(cfg, tokenizer)                # packed Batches for engine/train.py
     batch = stream.next_batch(); state = stream.state_dict(); stream.load_state_dict(state)
 
-Which datasets: every registry task outside the held-out cluster and the clusters FLAN also excludes
-with it (flan/tasks/_clusters.toml), that has the split locally (or is derived). Datasets without local
-data are listed in `Mixture.missing`.
+Which datasets (`eligible_tasks`): every registry task outside the held-out cluster and the clusters FLAN
+also excludes with it (flan/tasks/_clusters.toml), within data.train_clusters when given, that has the split
+locally (or is derived); data.templates_per_dataset keeps each dataset's first k templates. Datasets without
+local data are listed in `Mixture.missing`.
 
 Rates (Raffel et al.'s examples-proportional mixing, FLAN's cap 3000): with n_d examples in dataset d
 and cap K, rate_d = min(n_d, K) / sum_e min(n_e, K). An epoch takes exactly min(n_d, K) examples of each
@@ -50,6 +51,15 @@ def mixing_rates(sizes: dict[str, int], cap: int) -> dict[str, float]:
     return {name: m / total for name, m in capped.items()}
 
 
+def eligible_tasks(registry: Registry, heldout: str | None, train_clusters: str = "") -> list[TaskSpec]:
+    """The mixture's datasets before local availability: every task outside the held-out cluster and FLAN's
+    exclusions with it, narrowed to the comma list `train_clusters` when given (data.train_clusters)."""
+    chosen = [c.strip() for c in train_clusters.split(",") if c.strip()]
+    for c in chosen:
+        registry.cluster(c)  # an unknown name stops here, listing the known ones
+    return [t for t in registry.training_tasks(heldout) if not chosen or t.cluster in chosen]
+
+
 @dataclass
 class Mixture:
     tasks: list[TaskSpec]             # in the mixture, sorted by name
@@ -60,17 +70,20 @@ class Mixture:
     split: str
     missing: list[str]                # eligible tasks without local data for this split
     skipped_rows: dict[str, int]      # malformed rows skipped per task (bad_rows="skip")
+    instruction_format: str = "flan"  # data.instruction_format: templates, inputs alone, or dataset-name prefix
 
     def __post_init__(self):
         self._by_name = {t.name: t for t in self.tasks}
 
     @classmethod
     def build(cls, registry: Registry, *, heldout: str | None, split: str, data_dir, cap: int,
-              seed: int, bad_rows: str = "error", templates_dir=TEMPLATES_DIR, stream: bool = True) -> "Mixture":
+              seed: int, bad_rows: str = "error", templates_dir=TEMPLATES_DIR, train_clusters: str = "",
+              templates_per_dataset: int = 0, instruction_format: str = "flan",
+              stream: bool = True) -> "Mixture":
         """stream=True reads rows on demand by byte offset (flan/loaders.RowIndex), never a whole dataset;
         stream=False loads every split into memory first. Both give the same examples in the same order."""
         tasks, missing, rows, skipped, templates = [], [], {}, {}, {}
-        for spec in sorted(registry.training_tasks(heldout), key=lambda t: t.name):
+        for spec in sorted(eligible_tasks(registry, heldout, train_clusters), key=lambda t: t.name):
             if not has_split(spec, split, data_dir):
                 missing.append(spec.name)
                 continue
@@ -85,20 +98,21 @@ class Mixture:
             tasks.append(spec)
             rows[spec.name] = split_rows
             skipped[spec.name] = len(split_skipped)
-            templates[spec.name] = load_templates(spec, templates_dir)
+            templates[spec.name] = load_templates(spec, templates_dir)[:templates_per_dataset or None]
         if not tasks:
             raise ValueError(f"no dataset has a local {split} split outside the held-out cluster {heldout!r}")
         if sum(skipped.values()):
             warnings.warn(f"{split} mixture: skipped {sum(skipped.values())} malformed rows (data.bad_rows=skip): "
                           + ", ".join(f"{name} {n}" for name, n in skipped.items() if n), stacklevel=2)
-        return cls(tasks, rows, templates, cap, seed, split, missing, skipped)
+        return cls(tasks, rows, templates, cap, seed, split, missing, skipped, instruction_format)
 
     @classmethod
     def from_config(cls, cfg: Config, split: str = "train") -> "Mixture":
         d = cfg.data
         return cls.build(load_registry(), heldout=d.heldout_cluster or None, split=split,
                          data_dir=data_dirs(cfg), cap=d.mixture_cap, seed=cfg.train.seed,
-                         bad_rows=d.bad_rows)
+                         bad_rows=d.bad_rows, train_clusters=d.train_clusters,
+                         templates_per_dataset=d.templates_per_dataset, instruction_format=d.instruction_format)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -135,7 +149,7 @@ class Mixture:
         spec = self._by_name.get(name)
         if spec is None:
             raise ValueError(f"dataset {name!r} is not in this mixture; it has {', '.join(self.sizes)}")
-        return render_template(spec, self.templates[name][template], self.rows[name][row])
+        return render_template(spec, self.templates[name][template], self.rows[name][row], self.instruction_format)
 
 
 class ExampleStream:

@@ -46,12 +46,20 @@ class Segment:
     length: int
 
 
+def input_window(ids: Sequence[int], input_len: int, bos_id: int, add_bos: bool = False) -> list[int]:
+    """The input rule: the last input_len ids (BOS first where the model's tokenizer adds BOS), or one BOS for
+    an empty input."""
+    if add_bos:
+        return [bos_id] + (list(ids[-(input_len - 1):]) if input_len > 1 and ids else [])
+    return list(ids[-input_len:]) if ids else [bos_id]
+
+
 def truncate_pair(input_ids: Sequence[int], target_ids: Sequence[int], input_len: int, target_len: int,
-                  eos_id: int, bos_id: int) -> tuple[list[int], list[int]]:
+                  eos_id: int, bos_id: int, add_bos: bool = False) -> tuple[list[int], list[int]]:
     """Apply the truncation rule: keep the input's end and the target's start, then append EOS."""
     if input_len < 1 or target_len < 1:
         raise ValueError(f"input_len={input_len} and target_len={target_len} must both be at least 1")
-    inp = list(input_ids[-input_len:]) if input_ids else [bos_id]
+    inp = input_window(input_ids, input_len, bos_id, add_bos)
     return inp, list(target_ids[: target_len - 1]) + [eos_id]
 
 
@@ -67,7 +75,7 @@ def make_segment(input_ids: Sequence[int], target_ids: Sequence[int]) -> Segment
 def encode_pair(tokenizer, prompt: str, target: str, *, input_len: int, target_len: int) -> Segment:
     """Tokenize, truncate and lay out one rendered example."""
     inp, tgt = truncate_pair(tokenizer.encode(prompt), tokenizer.encode(target), input_len, target_len,
-                             tokenizer.eos_id, tokenizer.bos_id)
+                             tokenizer.eos_id, tokenizer.bos_id, tokenizer.add_bos)
     return make_segment(inp, tgt)
 
 
@@ -79,7 +87,7 @@ def encode_pairs(tokenizer, prompts: list[str], targets: list[str], *, input_len
     which costs more than it saves on the few dozen texts the packer asks for at a time.
     """
     eos, bos, encode = tokenizer.eos_id, tokenizer.bos_id, tokenizer.encode
-    return [make_segment(*truncate_pair(encode(p), encode(t), input_len, target_len, eos, bos))
+    return [make_segment(*truncate_pair(encode(p), encode(t), input_len, target_len, eos, bos, tokenizer.add_bos))
             for p, t in zip(prompts, targets)]
 
 

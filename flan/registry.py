@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from engine.errors import USAGE, FlanError
 from flan.sources import SourceError, SourceSpec, parse_source
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -36,7 +37,7 @@ GENERATORS = ("fix_punct", "math_dataset")
 ANSWER_SLOT, OPTIONS_SLOT = "answer_", "options_"
 
 
-class RegistryError(ValueError):
+class RegistryError(FlanError, ValueError):
     """A task file is malformed, two files claim one name, or a name is unknown."""
 
 
@@ -109,12 +110,14 @@ class Registry:
 
     def get(self, name: str) -> TaskSpec:
         if name not in self.tasks:
-            raise RegistryError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(self.tasks))}")
+            raise RegistryError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(self.tasks))}",
+                                exit_code=USAGE)
         return self.tasks[name]
 
     def cluster(self, name: str) -> ClusterSpec:
         if name not in self.clusters:
-            raise RegistryError(f"unknown cluster {name!r}; known clusters: {', '.join(self.clusters)}")
+            raise RegistryError(f"unknown cluster {name!r}; known clusters: {', '.join(self.clusters)}",
+                                exit_code=USAGE)
         return self.clusters[name]
 
     def in_cluster(self, cluster: str) -> list[TaskSpec]:

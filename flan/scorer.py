@@ -38,6 +38,7 @@ class EvalRequest:
     options: tuple[str, ...] | None = None
     gold: int | None = None
     also_accepted: tuple[str, ...] = ()   # generation: other correct answers (QA rows list several)
+    delimiter: str = ""                   # text between prompt and option (the template's; flan/templates.py)
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -49,6 +50,8 @@ class RankResult:
     logprobs: tuple[float, ...]   # summed log-probability of each option
     n_tokens: tuple[int, ...]
     n_bytes: tuple[int, ...]
+    prompt_tokens: int = 0        # after the cut to input_len
+    truncated: bool = False       # whether the prompt was cut (its first tokens dropped)
 
     @property
     def prediction(self) -> int:
@@ -67,6 +70,8 @@ class RankResult:
 class GenResult:
     text: str
     tokens: tuple[int, ...]
+    prompt_tokens: int = 0
+    truncated: bool = False
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -132,30 +137,54 @@ def option_logprobs(model, contexts: Sequence[Sequence[int]], options: Sequence[
     return out_lists
 
 
-def _prompt_ids(tokenizer, prompts: list[str], input_len: int) -> list[list[int]]:
-    """Instruction tuning's input rule: the last input_len ids, or one BOS for an empty prompt."""
-    return [ids[-input_len:] if ids else [tokenizer.bos_id] for ids in tokenizer.encode_batch(prompts)]
+def prompt_ids(tokenizer, prompts: list[str], input_len: int) -> tuple[list[list[int]], list[bool]]:
+    """Instruction tuning's input rule (flan/packing.py's input_window), BOS first where the model adds it; and
+    whether each prompt was cut."""
+    from flan.packing import input_window
+
+    encoded = tokenizer.encode_batch(prompts)
+    room = input_len - 1 if tokenizer.add_bos else input_len
+    return ([input_window(ids, input_len, tokenizer.bos_id, tokenizer.add_bos) for ids in encoded],
+            [len(ids) > room for ids in encoded])
 
 
-def _batches(order: list[int], size: int) -> Iterable[list[int]]:
+def batches(order: list[int], size: int) -> Iterable[list[int]]:
     for start in range(0, len(order), size):
         yield order[start:start + size]
 
 
+def option_token_ids(tokenizer, requests: Sequence[EvalRequest]) -> list[list[list[int]]]:
+    """Each request's options as the ids scored after its prompt: the option's own ids (each distinct option
+    encoded once), or with a template delimiter the ids of (prompt + delimiter + option) past the prompt's."""
+    unique = sorted({o for r in requests if not r.delimiter for o in r.options})
+    own = dict(zip(unique, tokenizer.encode_batch(unique)))
+    out = []
+    for r in requests:
+        if not r.delimiter:
+            out.append([own[o] for o in r.options])
+            continue
+        n = len(tokenizer.encode(r.prompt))
+        out.append([ids[n:] for ids in tokenizer.encode_batch([r.prompt + r.delimiter + o for o in r.options])])
+    return out
+
+
+def rank_result(request: EvalRequest, logprobs, ids: list[list[int]], context: list[int], cut: bool) -> RankResult:
+    return RankResult(tuple(logprobs), tuple(len(x) for x in ids),
+                      tuple(len(o.encode("utf-8")) for o in request.options), len(context), cut)
+
+
 def rank_classify(model, tokenizer, requests: Sequence[EvalRequest], *, batch_size: int, input_len: int,
-                  progress=None) -> list[RankResult]:
-    """Score every option of every request; results in request order."""
-    contexts = _prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
-    unique = sorted({o for r in requests for o in r.options})
-    option_ids = dict(zip(unique, tokenizer.encode_batch(unique)))
+                  progress=None, scorer=option_logprobs) -> list[RankResult]:
+    """Score every option of every request with scorer(model, contexts, options, pad_id) (option_logprobs, or
+    a layout's: flan/layout_scorer.py); results in request order."""
+    contexts, cut = prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
+    option_ids = option_token_ids(tokenizer, requests)
     order = sorted(range(len(requests)), key=lambda i: -len(contexts[i]))  # similar lengths pad less
     results: list[RankResult | None] = [None] * len(requests)
-    for chunk in _batches(order, batch_size):
-        opts = [[option_ids[o] for o in requests[i].options] for i in chunk]
-        scored = option_logprobs(model, [contexts[i] for i in chunk], opts, tokenizer.pad_id)
-        for i, lp, ids in zip(chunk, scored, opts):
-            results[i] = RankResult(tuple(lp), tuple(len(x) for x in ids),
-                                    tuple(len(o.encode("utf-8")) for o in requests[i].options))
+    for chunk in batches(order, batch_size):
+        scored = scorer(model, [contexts[i] for i in chunk], [option_ids[i] for i in chunk], tokenizer.pad_id)
+        for i, lp in zip(chunk, scored):
+            results[i] = rank_result(requests[i], lp, option_ids[i], contexts[i], cut[i])
         if progress is not None:
             progress.update(len(chunk))
     return results
@@ -195,36 +224,45 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+def gen_result(ids: Sequence[int], tokenizer, stops: Sequence[str], prompt: list[int], cut: bool) -> GenResult:
+    return GenResult(cut_at_stop(tokenizer.decode(list(ids)), stops).strip(), tuple(ids), len(prompt), cut)
+
+
 def generate(model, tokenizer, requests: Sequence[EvalRequest], *, batch_size: int, input_len: int,
-             max_new_tokens: int, stops: Sequence[str] = (), progress=None) -> list[GenResult]:
-    """Greedy generations for requests without options; results in request order."""
-    prompts = _prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
+             max_new_tokens: int, stops: Sequence[str] = (), progress=None, generator=greedy_generate
+             ) -> list[GenResult]:
+    """Greedy generations for requests without options with generator(model, prompts, ...) (greedy_generate,
+    or a layout's); results in request order."""
+    prompts, cut = prompt_ids(tokenizer, [r.prompt for r in requests], input_len)
     order = sorted(range(len(requests)), key=lambda i: -len(prompts[i]))
     stop_at = (lambda ids: any(s in tokenizer.decode(ids) for s in stops if s)) if stops else None
     results: list[GenResult | None] = [None] * len(requests)
-    for chunk in _batches(order, batch_size):
-        outs = greedy_generate(model, [prompts[i] for i in chunk], eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                               max_new_tokens=max_new_tokens, stop_at=stop_at)
+    for chunk in batches(order, batch_size):
+        outs = generator(model, [prompts[i] for i in chunk], eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                         max_new_tokens=max_new_tokens, stop_at=stop_at)
         for i, ids in zip(chunk, outs):
-            results[i] = GenResult(cut_at_stop(tokenizer.decode(ids), stops).strip(), tuple(ids))
+            results[i] = gen_result(ids, tokenizer, stops, prompts[i], cut[i])
         if progress is not None:
             progress.update(len(chunk))
     return results
 
 
 def score_requests(model, tokenizer, requests: Sequence[EvalRequest], *, batch_size: int, input_len: int,
-                   max_new_tokens: int, stops: Sequence[str] = (), progress=None) -> list[RankResult | GenResult]:
-    """Rank classification for requests with options, generation for the rest; results in request order."""
+                   max_new_tokens: int, stops: Sequence[str] = (), progress=None, scorer=option_logprobs,
+                   generator=greedy_generate) -> list[RankResult | GenResult]:
+    """Rank classification for requests with options, generation for the rest; results in request order.
+    `scorer` and `generator` run the model (the cached single-device paths, or a layout's)."""
     ranked = [i for i, r in enumerate(requests) if r.options is not None]
     free = [i for i, r in enumerate(requests) if r.options is None]
     results: list = [None] * len(requests)
     if ranked:
         for i, res in zip(ranked, rank_classify(model, tokenizer, [requests[i] for i in ranked],
-                                                batch_size=batch_size, input_len=input_len, progress=progress)):
+                                                batch_size=batch_size, input_len=input_len, progress=progress,
+                                                scorer=scorer)):
             results[i] = res
     if free:
         for i, res in zip(free, generate(model, tokenizer, [requests[i] for i in free], batch_size=batch_size,
                                          input_len=input_len, max_new_tokens=max_new_tokens, stops=stops,
-                                         progress=progress)):
+                                         progress=progress, generator=generator)):
             results[i] = res
     return results

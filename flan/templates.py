@@ -11,7 +11,11 @@ cls/mc datasets, a derived slot:
 Loading rejects, naming file, template and slot: unknown slots, attribute access `{a.b}`, indexing
 `{a[0]}`, conversions `{a!r}` and format specs `{a:>3}`; a cls/mc template that is not turned around
 must target exactly "{answer_}" (so a scorer can rank the options) and must not show the answer in its
-input. Such templates get the OPTIONS block appended after a blank line unless they place {options_}.
+input. Such templates get the OPTIONS block appended after a blank line unless they place {options_}
+or set `options = "none"` (they write the options themselves, as lm-eval's "... Options: yes, no\nAnswer:"
+does, or leave them out). `delimiter` (default "") is the text between prompt and answer when options are
+scored: the answer's tokens are then those the tokenizer gives (prompt + delimiter + option) after the
+prompt's own, lm-eval's rule; without one, the option's own tokens follow the prompt's (tuning's layout).
 
 Field values become text by type: list -> "a, b, c"; triples -> "s | p | o; s | p | o";
 numbered -> "1. a\\n2. b"; a missing optional field -> "".
@@ -25,14 +29,17 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from engine.errors import FlanError
 from engine.paths import REPO_ROOT
-from flan.registry import ANSWER_SLOT, OPTIONS_SLOT, TaskSpec, load_registry
+from flan.registry import ANSWER_SLOT, OPTIONS_SLOT, TASKS_DIR, TaskSpec, load_registry
 
 TEMPLATES_DIR = REPO_ROOT / "templates"
+TEMPLATE_KEYS = ("input", "target", "turned_around", "options", "delimiter")
+OPTIONS_PLACEMENT = ("append", "none")
 ANSWER_TARGET = "{" + ANSWER_SLOT + "}"
 
 
-class TemplateError(ValueError):
+class TemplateError(FlanError, ValueError):
     """A templates file is malformed, or a row cannot be rendered."""
 
 
@@ -45,6 +52,8 @@ class Template:
     input_parts: tuple[tuple[str, str | None], ...]   # (literal text, slot or None) pairs
     target_parts: tuple[tuple[str, str | None], ...]
     slots: frozenset[str]                             # every slot of input and target
+    options: str = "append"                           # "append" the OPTIONS block (unless placed), or "none"
+    delimiter: str = ""                               # text between the prompt and a scored answer
 
     @property
     def has_options(self) -> bool:
@@ -57,6 +66,7 @@ class RenderedExample:
     prompt: str
     target: str
     options: tuple[str, ...] | None   # the choices the scorer ranks; None for generation
+    delimiter: str = ""               # the template's text between prompt and answer
 
 
 def parse_pattern(pattern: str, where: str) -> tuple[tuple[str, str | None], ...]:
@@ -101,13 +111,17 @@ def parse_templates(spec: TaskSpec, path: Path) -> tuple[Template, ...]:
         raise TemplateError(f"{path}: not valid TOML: {e}") from None
     entries = data.get("template")
     if set(data) != {"template"} or not isinstance(entries, list) or not entries:
-        raise TemplateError(f"{path}: expected only [[template]] tables (input, target, turned_around)")
+        raise TemplateError(f"{path}: expected only [[template]] tables ({', '.join(TEMPLATE_KEYS)})")
     out = []
     for i, entry in enumerate(entries):
         where = f"{path}: template {i}"
-        extra = set(entry) - {"input", "target", "turned_around"}
+        extra = set(entry) - set(TEMPLATE_KEYS)
         if extra:
-            raise TemplateError(f"{where}: unknown keys {sorted(extra)}; accepted: input, target, turned_around")
+            raise TemplateError(f"{where}: unknown keys {sorted(extra)}; accepted: {', '.join(TEMPLATE_KEYS)}")
+        if entry.get("options", "append") not in OPTIONS_PLACEMENT:
+            raise TemplateError(f"{where}: options = {entry['options']!r}; accepted: {', '.join(OPTIONS_PLACEMENT)}")
+        if not isinstance(entry.get("delimiter", ""), str):
+            raise TemplateError(f"{where}: delimiter must be a string, e.g. \" \" between \"Answer:\" and the answer")
         if not isinstance(entry.get("input"), str) or not isinstance(entry.get("target"), str):
             raise TemplateError(f"{where}: `input` and `target` must both be strings")
         turned = entry.get("turned_around", False)
@@ -129,7 +143,8 @@ def parse_templates(spec: TaskSpec, path: Path) -> tuple[Template, ...]:
             if leaked:
                 raise TemplateError(f"{where}: the input shows the answer through {{{sorted(leaked)[0]}}}")
         slots = frozenset(_slots(inp) | _slots(tgt))
-        out.append(Template(i, entry["input"], entry["target"], turned, inp, tgt, slots))
+        out.append(Template(i, entry["input"], entry["target"], turned, inp, tgt, slots,
+                            entry.get("options", "append"), entry.get("delimiter", "")))
     return tuple(out)
 
 
@@ -138,9 +153,15 @@ def _load_cached(spec: TaskSpec, path: Path) -> tuple[Template, ...]:
     return parse_templates(spec, path)
 
 
-def load_templates(spec: TaskSpec, folder: str | Path = TEMPLATES_DIR) -> tuple[Template, ...]:
-    """The validated templates of one dataset (read once per process)."""
-    path = Path(folder) / f"{spec.name}.toml"
+def templates_folder(spec: TaskSpec) -> Path:
+    """templates/ of the repo for the package's tasks; <DIR>/templates for a task read from <DIR>/tasks
+    (flan eval --include DIR)."""
+    return TEMPLATES_DIR if spec.source.parent == TASKS_DIR else spec.source.parent.parent / "templates"
+
+
+def load_templates(spec: TaskSpec, folder: str | Path | None = None) -> tuple[Template, ...]:
+    """The validated templates of one dataset (read once per process), from `folder` or templates_folder."""
+    path = Path(folder or templates_folder(spec)) / f"{spec.name}.toml"
     if not path.is_file():
         raise TemplateError(f"{path}: no templates file for dataset {spec.name}; "
                             "add one with [[template]] tables (see templates/rte.toml)")
@@ -193,8 +214,20 @@ def _fill(parts, values: dict[str, str]) -> str:
     return "".join(literal + values[slot] if slot else literal for literal, slot in parts)
 
 
-def render_template(spec: TaskSpec, template: Template, row: dict) -> RenderedExample:
-    """Fill one template with one row."""
+def bare_inputs(spec: TaskSpec, template: Template, values: dict[str, str], instruction_format: str) -> str:
+    """The FLAN paper's instruction ablations (section 4.3): the template's input fields alone, one per line,
+    without its instruction text ("none"), or after a dataset-name prefix ("dataset_name", e.g. "[Translation:
+    WMT16 en-fi]")."""
+    slots = dict.fromkeys(s for _, s in template.input_parts if s is not None and s != OPTIONS_SLOT)
+    text = "\n".join(values[s] for s in slots)
+    if instruction_format == "dataset_name":
+        return f"[{load_registry().cluster(spec.cluster).title}: {spec.paper_dataset}] {text}"
+    return text
+
+
+def render_template(spec: TaskSpec, template: Template, row: dict,
+                    instruction_format: str = "flan") -> RenderedExample:
+    """Fill one template with one row (data.instruction_format "flan"; "none" and "dataset_name": bare_inputs)."""
     try:
         values = {name: _as_text(row.get(name), spec.fields[name].type) for name in template.slots
                   if name in spec.fields}
@@ -205,17 +238,19 @@ def render_template(spec: TaskSpec, template: Template, row: dict) -> RenderedEx
             values[OPTIONS_SLOT] = options_block(opts)
             if template.has_options:
                 options = tuple(opts)
-        prompt = _fill(template.input_parts, values)
-        if options is not None and OPTIONS_SLOT not in template.slots:
+        bare = instruction_format != "flan"
+        prompt = (bare_inputs(spec, template, values, instruction_format) if bare
+                  else _fill(template.input_parts, values))
+        if options is not None and (bare or (OPTIONS_SLOT not in template.slots and template.options == "append")):
             prompt = f"{prompt}\n\n{values[OPTIONS_SLOT]}"
-        return RenderedExample(prompt, _fill(template.target_parts, values), options)
+        return RenderedExample(prompt, _fill(template.target_parts, values), options, template.delimiter)
     except (KeyError, ValueError, IndexError, TypeError) as e:
         raise TemplateError(f"dataset {spec.name}, template {template.index}: cannot render row "
                             f"({type(e).__name__}: {e}); check the row against {spec.source}") from None
 
 
 def render(dataset: str | TaskSpec, row: dict, template_index: int, *,
-           templates_dir: str | Path = TEMPLATES_DIR) -> RenderedExample:
+           templates_dir: str | Path | None = None) -> RenderedExample:
     """Render `row` of `dataset` (a registry name or TaskSpec) with its template number `template_index`."""
     spec = load_registry().get(dataset) if isinstance(dataset, str) else dataset
     templates = load_templates(spec, templates_dir)

@@ -33,10 +33,16 @@ Why the gradient is written during the forward (Liger-Kernel's choice) rather th
   The cost, computing a gradient nobody uses, is avoided: no gradient is computed when the logits (or
   hidden / weight) do not require one. This rests on the analysis above until a GPU measures it:
   benchmarks/cross_entropy.py times a separate-backward variant built from the same kernels.
-Unlike Liger-Kernel, cross_entropy writes the gradient into a new buffer rather than over the logits
-(a caller who keeps its logits would find them overwritten), so its forward briefly holds one more
-(N, V) tensor; linear_cross_entropy is the memory-lean path. Ignored rows are never read: the kernels
-write their zero gradient and stop, and linear_cross_entropy drops them before its matmuls.
+By default cross_entropy writes the gradient into a new buffer, so its forward briefly holds one more
+(N, V) tensor; `inplace=True` writes it over the logits instead (Liger-Kernel's trick: 1x the logits in
+memory), for callers that never read their logits again, as the model's loss path. Autograd's version
+counter then catches any other user that saved them. Ignored rows are never read: the kernels write
+their zero gradient and stop, and linear_cross_entropy drops them before its matmuls.
+
+The kernel calls are torch.library custom ops (flan::cross_entropy, flan::cross_entropy_,
+flan::linear_cross_entropy, flan::scale_grad_) with fake implementations, so fake and meta tensors and
+torch.compile trace through them; the vocab-parallel path (a process group) calls the host functions
+directly, since an op cannot take a group. The Triton kernels are in kernels/cross_entropy_kernels.py.
 """
 from __future__ import annotations
 
@@ -44,172 +50,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import triton
-import triton.language as tl
+
+from kernels.cross_entropy_kernels import (_cross_entropy_fused_kernel, _cross_entropy_gradient_kernel,
+                                           _cross_entropy_statistics_kernel, launch_config)
 
 REDUCTIONS = ("mean", "sum", "none")
-
-# Row statistics, one float32 vector each, in this order in the (4, N) statistics tensor.
-_MAX, _SUM_EXP, _TARGET_LOGIT, _LOGIT_SUM = range(4)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Triton kernels: one program per row, looping over the row's columns in blocks of BLOCK_V.
-# ----------------------------------------------------------------------------------------------------
-@triton.jit
-def _row_statistics(row_ptr, n_cols, BLOCK_V: tl.constexpr):
-    """Max, sum of exp(x - max) and sum of x over one row, in one pass (online softmax).
-
-    Milakov & Gimelshein 2018: when a block raises the running max from m to m', the running sum of
-    exponentials is rescaled by exp(m - m') before the block's own exp(x - m') are added.
-    """
-    running_max = float("-inf")
-    sum_exp = 0.0
-    logit_sum = 0.0
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
-        x = tl.load(row_ptr + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
-        # exp(-inf - new_max) = 0 drops the masked tail; the first block always holds a real column.
-        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-        logit_sum += tl.sum(tl.where(mask, x, 0.0), axis=0)
-        running_max = new_max
-    return running_max, sum_exp, logit_sum
-
-
-@triton.jit
-def _write_row_gradient(row_ptr, grad_row_ptr, n_cols, local_target, lse, coef, z_loss, label_smoothing,
-                        vocab_total, BLOCK_V: tl.constexpr):
-    """grad_j = coef * ((1 + 2 z lse) * softmax_j - (1 - eps) * [j == t] - eps / V), over one row.
-
-    d lse / d x_j = softmax_j, so the z-loss term z * lse**2 adds 2 z lse softmax_j; the smoothing term
-    eps * (lse - mean x) adds eps * (softmax_j - 1/V). `grad_row_ptr` may equal `row_ptr`: each block is
-    read before it is overwritten. `local_target` outside [0, n_cols) (another rank's column) matches
-    no column. Ignored rows never come here (see _write_zero_row).
-    """
-    softmax_weight = coef * (1.0 + 2.0 * z_loss * lse)
-    target_weight = coef * (1.0 - label_smoothing)
-    uniform = coef * label_smoothing / vocab_total
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < n_cols
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        grad = softmax_weight * tl.exp(x - lse) - uniform - tl.where(cols == local_target, target_weight, 0.0)
-        tl.store(grad_row_ptr + cols, grad.to(grad_row_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _write_zero_row(grad_row_ptr, n_cols, BLOCK_V: tl.constexpr):
-    """The gradient of an ignored row: zeros, written without reading the row."""
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        tl.store(grad_row_ptr + cols, tl.zeros([BLOCK_V], dtype=grad_row_ptr.dtype.element_ty), mask=cols < n_cols)
-
-
-@triton.jit
-def _row_setup(target_ptr, logits_ptr, logits_row_stride, vocab_start, n_cols, ignore_index):
-    """This program's row: pointer to its logits, its local target column, and whether it is ignored."""
-    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride overflows int32 past 2**31 elements
-    target = tl.load(target_ptr + row)
-    ignored = target == ignore_index
-    local_target = target - vocab_start
-    owns_target = (local_target >= 0) & (local_target < n_cols)  # read only on rows that are not ignored
-    local_target = tl.where(owns_target, local_target, -1)
-    return row, logits_ptr + row * logits_row_stride, local_target, owns_target, ignored
-
-
-@triton.jit
-def _store_statistics(stats_ptr, n_rows, row, row_max, sum_exp, target_logit, logit_sum):
-    tl.store(stats_ptr + 0 * n_rows + row, row_max)
-    tl.store(stats_ptr + 1 * n_rows + row, sum_exp)
-    tl.store(stats_ptr + 2 * n_rows + row, target_logit)
-    tl.store(stats_ptr + 3 * n_rows + row, logit_sum)
-
-
-@triton.jit
-def _cross_entropy_statistics_kernel(logits_ptr, logits_row_stride, target_ptr, stats_ptr, n_rows, vocab_start,
-                                     ignore_index, N_COLS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Partial statistics of each row over this rank's columns (step 1 of the vocab-parallel path).
-
-    logits_ptr: (n_rows, N_COLS) logits, unit column stride, row stride `logits_row_stride`.
-    target_ptr: (n_rows,) int64 global vocabulary ids; vocab_start: global id of local column 0.
-    stats_ptr:  (4, n_rows) float32 out: row max, sum of exp(x - max), target logit (0 unless this
-                rank holds it), sum of logits.
-    N_COLS is a compile-time constant: the vocabulary is fixed for a run, so it costs one compilation,
-    and constant loop bounds also keep Triton's interpreter working under NumPy >= 2.4 (which no longer
-    converts its one-element arrays, the interpreter's runtime scalars, to a Python int in range()).
-    """
-    row, row_ptr, local_target, owns_target, ignored = _row_setup(target_ptr, logits_ptr, logits_row_stride,
-                                                                  vocab_start, N_COLS, ignore_index)
-    if ignored:  # never read: instruction tuning ignores most tokens (the prompts)
-        _store_statistics(stats_ptr, n_rows, row, 0.0, 1.0, 0.0, 0.0)  # lse = 0, finite; the loss is masked
-        return
-    row_max, sum_exp, logit_sum = _row_statistics(row_ptr, N_COLS, BLOCK_V)
-    target_logit = tl.load(row_ptr + local_target, mask=owns_target, other=0.0).to(tl.float32)
-    _store_statistics(stats_ptr, n_rows, row, row_max, sum_exp, target_logit, logit_sum)
-
-
-@triton.jit
-def _cross_entropy_gradient_kernel(logits_ptr, logits_row_stride, grad_ptr, grad_row_stride, target_ptr,
-                                   lse_ptr, scale_ptr, scale_stride, vocab_start, vocab_total, ignore_index,
-                                   label_smoothing, z_loss, N_COLS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Gradient of each row's loss over this rank's columns, given the global logsumexp (step 3).
-
-    lse_ptr: (n_rows,) float32 global logsumexp. scale_ptr: float32 per-row factor (1/count for "mean"),
-    read at row * scale_stride (stride 0 broadcasts one value). grad_ptr may equal logits_ptr.
-    """
-    row, row_ptr, local_target, owns_target, ignored = _row_setup(target_ptr, logits_ptr, logits_row_stride,
-                                                                  vocab_start, N_COLS, ignore_index)
-    grad_row_ptr = grad_ptr + row * grad_row_stride
-    if ignored:
-        _write_zero_row(grad_row_ptr, N_COLS, BLOCK_V)
-        return
-    _write_row_gradient(row_ptr, grad_row_ptr, N_COLS, local_target, tl.load(lse_ptr + row),
-                        tl.load(scale_ptr + row * scale_stride), z_loss, label_smoothing, vocab_total, BLOCK_V)
-
-
-@triton.jit
-def _cross_entropy_fused_kernel(logits_ptr, logits_row_stride, grad_ptr, grad_row_stride, target_ptr, stats_ptr,
-                                scale_ptr, scale_stride, n_rows, ignore_index, label_smoothing, z_loss,
-                                N_COLS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Statistics and gradient of each row in one program, for an unsharded vocabulary.
-
-    The same arguments as the two kernels above (vocab_start = 0, vocab_total = N_COLS). The second pass
-    over the row follows the first within the program, so it mostly hits L2.
-    """
-    row, row_ptr, local_target, owns_target, ignored = _row_setup(target_ptr, logits_ptr, logits_row_stride,
-                                                                  0, N_COLS, ignore_index)
-    grad_row_ptr = grad_ptr + row * grad_row_stride
-    if ignored:
-        _store_statistics(stats_ptr, n_rows, row, 0.0, 1.0, 0.0, 0.0)
-        _write_zero_row(grad_row_ptr, N_COLS, BLOCK_V)
-        return
-    row_max, sum_exp, logit_sum = _row_statistics(row_ptr, N_COLS, BLOCK_V)
-    target_logit = tl.load(row_ptr + local_target, mask=owns_target, other=0.0).to(tl.float32)
-    _store_statistics(stats_ptr, n_rows, row, row_max, sum_exp, target_logit, logit_sum)
-    lse = row_max + tl.log(sum_exp)
-    _write_row_gradient(row_ptr, grad_row_ptr, N_COLS, local_target, lse, tl.load(scale_ptr + row * scale_stride),
-                        z_loss, label_smoothing, N_COLS, BLOCK_V)
+MIN_CHUNK_ROWS = 2048  # linear CE: matmuls of >= 2048 rows keep the tensor cores busy (Liger sizes by V/D)
+CHUNK_BUDGET_BYTES = 2**30  # ... unless one chunk's logits would pass 1 GiB
 
 
 # ----------------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------------
-def _launch_config(n_cols: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for rows of `n_cols` columns.
-
-    GPU: blocks of up to 16384 columns with 32 warps, 16 float32 values per thread per block: two 16-byte
-    loads of bf16 each, enough bytes in flight for a bandwidth-bound loop with one program per row
-    (Liger-Kernel uses 32768 / 32). To be tuned with benchmarks/cross_entropy.py on a GPU.
-    CPU (Triton's interpreter, whose cost is per block operation, nearly whatever the block's size):
-    about four blocks per row, so that tests exercise the running-max loop and a partial last block,
-    up to 16384 columns a block, so that wide rows stay fast.
-    """
-    if device.type == "cpu":
-        return max(16, min(16384, triton.next_power_of_2(triton.cdiv(n_cols, 4)))), 1
-    return min(16384, triton.next_power_of_2(n_cols)), 32
-
-
 def _group_layout(group) -> tuple[int, int]:
     """(rank, world size) in the tensor-parallel group; (0, 1) without one."""
     if group is None:
@@ -234,11 +86,13 @@ def _check_arguments(fn: str, logits_like: torch.Tensor, n_rows: int, n_cols: in
         raise ValueError(f"{fn}: target is on {target.device} but the inputs on {logits_like.device}; move it")
     if n_cols == 0:
         raise ValueError(f"{fn}: the vocabulary slice is empty; each rank must hold at least one column")
-    # One device sync per call: a wrong id would otherwise give a silently wrong loss (the kernels read
-    # the target column only when this rank holds it).
-    vocab_total = n_cols * world
+
+
+def _check_target_values(fn: str, target: torch.Tensor, ignore_index: int, vocab_total: int) -> None:
+    """One device sync per call: a wrong id would otherwise give a silently wrong loss (the kernels read
+    the target column only when this rank holds it). Called where real values exist: inside the ops."""
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab_total))
-    if n_rows and bool(bad.any()):
+    if target.numel() and bool(bad.any()):
         raise ValueError(f"{fn}: target holds ids outside [0, {vocab_total}) that are not ignore_index="
                          f"{ignore_index}, e.g. {int(target[bad][0])}; fix the labels or the ignore_index")
 
@@ -272,23 +126,22 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, *, ignore_
     stats = torch.empty(4, n_rows, device=logits.device, dtype=torch.float32)
     if n_rows == 0:
         return stats[0]
-    block_v, num_warps = _launch_config(n_cols, logits.device)
+    block_v, num_warps = launch_config(n_cols, logits.device)
     scale_stride = 0 if row_scale.numel() == 1 else 1
+    consts = dict(N_COLS=n_cols, BLOCK_V=block_v, SMOOTHING=label_smoothing > 0, num_warps=num_warps)
     if grad is not None and world == 1:
         _cross_entropy_fused_kernel[(n_rows,)](
             logits, logits.stride(0), grad, grad.stride(0), target, stats, row_scale, scale_stride, n_rows,
-            ignore_index, label_smoothing, z_loss, N_COLS=n_cols, BLOCK_V=block_v, num_warps=num_warps)
+            ignore_index, label_smoothing, z_loss, **consts)
         lse, target_logit, logit_sum = _combine_statistics(stats, group, world)
     else:
         _cross_entropy_statistics_kernel[(n_rows,)](
-            logits, logits.stride(0), target, stats, n_rows, rank * n_cols, ignore_index,
-            N_COLS=n_cols, BLOCK_V=block_v, num_warps=num_warps)
+            logits, logits.stride(0), target, stats, n_rows, rank * n_cols, ignore_index, **consts)
         lse, target_logit, logit_sum = _combine_statistics(stats, group, world)
         if grad is not None:
             _cross_entropy_gradient_kernel[(n_rows,)](
                 logits, logits.stride(0), grad, grad.stride(0), target, lse, row_scale, scale_stride,
-                rank * n_cols, n_cols * world, ignore_index, label_smoothing, z_loss,
-                N_COLS=n_cols, BLOCK_V=block_v, num_warps=num_warps)
+                rank * n_cols, n_cols * world, ignore_index, label_smoothing, z_loss, **consts)
     vocab_total = n_cols * world
     loss = (lse - (1.0 - label_smoothing) * target_logit - label_smoothing * logit_sum / vocab_total
             + z_loss * lse * lse)
@@ -309,22 +162,86 @@ def _row_scale(valid_count: torch.Tensor, reduction: str) -> torch.Tensor:
     return torch.ones(1, device=valid_count.device, dtype=torch.float32)
 
 
-def cross_entropy_backward(grad: torch.Tensor, grad_output: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The (N, V) gradient times the upstream gradient, in place: a scalar, or one value per row for "none"."""
-    return grad.mul_(grad_output.reshape(-1, 1) if reduction == "none" else grad_output)
+# ----------------------------------------------------------------------------------------------------
+# Custom ops (real work inside; the fakes give shapes only)
+# ----------------------------------------------------------------------------------------------------
+@torch.library.custom_op("flan::cross_entropy", mutates_args=())
+def _cross_entropy_op(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor, ignore_index: int,
+                      label_smoothing: float, z_loss: float, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row losses (N,) fp32, gradient (N, V), or an empty tensor without need_grad)."""
+    _check_target_values("cross_entropy", target, ignore_index, logits.shape[1])
+    grad = torch.empty_like(logits) if need_grad else logits.new_empty(0)
+    losses = cross_entropy_forward(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                   z_loss=z_loss, group=None, row_scale=row_scale, grad=grad if need_grad else None)
+    return losses, grad
+
+
+@_cross_entropy_op.register_fake
+def _(logits, target, row_scale, ignore_index, label_smoothing, z_loss, need_grad):
+    grad = torch.empty_like(logits) if need_grad else logits.new_empty(0)
+    return logits.new_empty(logits.shape[0], dtype=torch.float32), grad
+
+
+@torch.library.custom_op("flan::cross_entropy_", mutates_args=("logits",))
+def _cross_entropy_inplace_op(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor,
+                              ignore_index: int, label_smoothing: float, z_loss: float) -> torch.Tensor:
+    """Row losses; the gradient overwrites `logits` (each block is read before it is written)."""
+    _check_target_values("cross_entropy", target, ignore_index, logits.shape[1])
+    return cross_entropy_forward(logits, target, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                                 z_loss=z_loss, group=None, row_scale=row_scale, grad=logits)
+
+
+@_cross_entropy_inplace_op.register_fake
+def _(logits, target, row_scale, ignore_index, label_smoothing, z_loss):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("flan::scale_grad_", mutates_args=("grad",))
+def _scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> None:
+    """grad *= grad_output in place (one value per row when per_row). The common loss.backward() passes
+    exactly 1: that skips a full pass over the gradient (a host sync, cheaper than the pass)."""
+    if per_row:
+        grad.mul_(grad_output.reshape(-1, *([1] * (grad.dim() - 1))))
+    elif not bool(grad_output == 1):
+        grad.mul_(grad_output)
+
+
+@_scale_grad_op.register_fake
+def _(grad, grad_output, per_row):
+    return None
+
+
+def _scaled(grad: torch.Tensor | None, grad_output: torch.Tensor, per_row: bool = False) -> torch.Tensor | None:
+    if grad is not None:
+        _scale_grad_op(grad, grad_output, per_row)
+    return grad
+
+
+def _cross_entropy_rows(logits, target, row_scale, *, group, need_grad, inplace, **options):
+    """(row losses, gradient or None): through the custom ops, or the host function under a group."""
+    _, world = _group_layout(group)
+    if world > 1:
+        _check_target_values("cross_entropy", target, options["ignore_index"], logits.shape[1] * world)
+        grad = (logits if inplace else torch.empty_like(logits)) if need_grad else None
+        return cross_entropy_forward(logits, target, group=group, row_scale=row_scale, grad=grad, **options), grad
+    args = (options["ignore_index"], options["label_smoothing"], options["z_loss"])
+    if need_grad and inplace:
+        return _cross_entropy_inplace_op(logits, target, row_scale, *args), logits
+    losses, grad = _cross_entropy_op(logits, target, row_scale, *args, need_grad)
+    return losses, grad if need_grad else None
 
 
 class _CrossEntropy(torch.autograd.Function):
-    """Forward: row losses and, if the logits need one, their gradient (kept for backward).
-    Backward: that gradient times the upstream gradient, in place (so backward runs once per forward)."""
+    """Forward: row losses and, if the logits need one, their gradient (kept for backward; with
+    `inplace`, written over the logits). Backward: that gradient times the upstream gradient, in place
+    (so backward runs once per forward)."""
 
     @staticmethod
-    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, reduction, group):
+    def forward(ctx, logits, target, ignore_index, label_smoothing, z_loss, reduction, group, inplace):
         valid_count = (target != ignore_index).sum()
-        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
-        row_losses = cross_entropy_forward(logits, target, ignore_index=ignore_index,
-                                           label_smoothing=label_smoothing, z_loss=z_loss, group=group,
-                                           row_scale=_row_scale(valid_count, reduction), grad=grad)
+        row_losses, grad = _cross_entropy_rows(
+            logits, target, _row_scale(valid_count, reduction), group=group, need_grad=ctx.needs_input_grad[0],
+            inplace=inplace, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss)
         ctx.reduction = reduction
         if grad is not None:
             ctx.save_for_backward(grad)
@@ -333,20 +250,18 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        # The common case loss.backward() passes exactly 1: skip a full pass over the (N, V) gradient.
-        if ctx.reduction == "none" or not torch.equal(grad_output, torch.ones_like(grad_output)):
-            grad = cross_entropy_backward(grad, grad_output, ctx.reduction)
-        return grad, None, None, None, None, None, None
+        return _scaled(grad, grad_output, ctx.reduction == "none"), None, None, None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100,
                   label_smoothing: float = 0.0, z_loss: float = 0.0, reduction: str = "mean",
-                  group=None) -> torch.Tensor:
+                  group=None, inplace: bool = False) -> torch.Tensor:
     """Cross-entropy of `logits` (N, V) against `target` (N,), plus z_loss * logsumexp**2 per row.
 
     With `group`, `logits` is this rank's contiguous vocabulary slice (N, V / world) and `target` holds
     global ids; the loss (float32) is the unsharded one on every rank, and the gradient is that of the
-    local slice. Differentiable in `logits`.
+    local slice. Differentiable in `logits`. inplace=True overwrites `logits` with its gradient during the
+    forward (when it requires one), saving one (N, V) buffer: do not read the logits afterwards.
     """
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy: logits has shape {tuple(logits.shape)}; flatten it to (N, V) first")
@@ -356,18 +271,31 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: i
     if logits.stride(-1) != 1:
         logits = logits.contiguous()  # the kernels walk columns with unit stride
     return _CrossEntropy.apply(logits, target.contiguous(), ignore_index, float(label_smoothing), float(z_loss),
-                               reduction, group)
+                               reduction, group, bool(inplace))
 
 
 # ----------------------------------------------------------------------------------------------------
 # Fused output projection + cross-entropy
 # ----------------------------------------------------------------------------------------------------
-def _auto_chunk_size(n_rows: int, n_cols: int, dim: int) -> int:
-    """Rows per chunk such that a chunk's logits (rows x V_local) hold about as many values as hidden
-    (N x D): the extra memory is then of the order of the inputs whatever V. A power of two, for matmul
-    shapes (the sizing Liger-Kernel's fused linear cross-entropy uses, so memory compares like for like)."""
-    chunks = triton.cdiv(n_cols, dim)
-    return triton.next_power_of_2(triton.cdiv(n_rows, chunks))
+def _auto_chunk_size(n_rows: int, n_cols: int, dim: int, element_size: int) -> int:
+    """Rows per chunk: Liger-Kernel's sizing (a chunk's logits about as large as hidden, a power of two),
+    raised to MIN_CHUNK_ROWS so that each matmul is big enough for the tensor cores, but never past
+    CHUNK_BUDGET_BYTES of chunk logits, nor past the rows there are."""
+    liger = triton.next_power_of_2(triton.cdiv(n_rows, triton.cdiv(n_cols, dim)))
+    budget = max(1, CHUNK_BUDGET_BYTES // (n_cols * element_size))
+    return max(1, min(max(liger, MIN_CHUNK_ROWS), budget, n_rows))
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b. On CUDA a bf16/fp16 GEMM with fp32 output (aten::addmm.dtype_out), so the
+    running sum is never rounded to the input dtype; elsewhere (no such kernel on CPU) each chunk's
+    product is rounded once and the sum stays fp32."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(a @ b)
 
 
 def _chunked_pass(hidden, weight, target, *, ignore_index, label_smoothing, z_loss, group, chunk_size, row_scale,
@@ -377,7 +305,7 @@ def _chunked_pass(hidden, weight, target, *, ignore_index, label_smoothing, z_lo
     need_grad = need_hidden_grad or need_weight_grad
     row_losses = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
-    grad_weight = torch.zeros_like(weight) if need_weight_grad else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
     for start in range(0, n_rows, chunk_size):
         stop = min(start + chunk_size, n_rows)
         hidden_chunk = hidden[start:stop]
@@ -389,8 +317,8 @@ def _chunked_pass(hidden, weight, target, *, ignore_index, label_smoothing, z_lo
         if need_hidden_grad:
             torch.mm(logits, weight, out=grad_hidden[start:stop])
         if need_weight_grad:
-            grad_weight.addmm_(logits.t(), hidden_chunk)
-    return row_losses, grad_hidden, grad_weight
+            _accumulate_fp32(grad_weight, logits.t(), hidden_chunk)
+    return row_losses, grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype)
 
 
 def linear_cross_entropy_pass(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, *, ignore_index: int,
@@ -403,7 +331,8 @@ def linear_cross_entropy_pass(hidden: torch.Tensor, weight: torch.Tensor, target
        and zero gradient.
     2. For each chunk: logits = h @ W^T (chunk x V_local, the input dtype, float32 accumulation in the
        matmul); the kernels turn them into row losses and overwrite them with d loss / d logits (times
-       row_scale); then grad_h[chunk] = dlogits @ W and grad_W += dlogits^T @ h (one rounding per chunk).
+       row_scale); then grad_h[chunk] = dlogits @ W and grad_W += dlogits^T @ h, grad_W summed in fp32
+       and rounded to the weight's dtype once at the end.
     3. Under `group` the weight is this rank's vocabulary slice; grad_h sums every rank's contribution
        with an all-reduce, so each rank returns the full gradient of the (replicated) hidden states.
     Autocast is off inside: the inputs' dtype is the compute dtype.
@@ -428,6 +357,44 @@ def linear_cross_entropy_pass(hidden: torch.Tensor, weight: torch.Tensor, target
     return row_losses, grad_hidden, grad_weight
 
 
+@torch.library.custom_op("flan::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                             row_scale: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+                             chunk_size: int, need_hidden_grad: bool, need_weight_grad: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row losses, grad of hidden, grad of weight), the grads empty when not needed (an op returns tensors)."""
+    _check_target_values("linear_cross_entropy", target, ignore_index, weight.shape[0])
+    losses, grad_hidden, grad_weight = linear_cross_entropy_pass(
+        hidden, weight, target, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        group=None, chunk_size=chunk_size, row_scale=row_scale, need_hidden_grad=need_hidden_grad,
+        need_weight_grad=need_weight_grad)
+    # Distinct empty tensors: an op's outputs may not alias one another.
+    return (losses, hidden.new_empty(0) if grad_hidden is None else grad_hidden,
+            weight.new_empty(0) if grad_weight is None else grad_weight)
+
+
+@_linear_cross_entropy_op.register_fake
+def _(hidden, weight, target, row_scale, ignore_index, label_smoothing, z_loss, chunk_size, need_hidden_grad,
+      need_weight_grad):
+    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            torch.empty_like(hidden) if need_hidden_grad else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight_grad else weight.new_empty(0))
+
+
+def _linear_rows(hidden, weight, target, row_scale, *, need_hidden_grad, need_weight_grad, group, **options):
+    """linear_cross_entropy_pass through the custom op, or directly under a group (collectives inside)."""
+    _, world = _group_layout(group)
+    if world > 1:
+        _check_target_values("linear_cross_entropy", target, options["ignore_index"], weight.shape[0] * world)
+        return linear_cross_entropy_pass(hidden, weight, target, row_scale=row_scale, group=group,
+                                         need_hidden_grad=need_hidden_grad, need_weight_grad=need_weight_grad,
+                                         **options)
+    losses, grad_hidden, grad_weight = _linear_cross_entropy_op(
+        hidden, weight, target, row_scale, options["ignore_index"], options["label_smoothing"], options["z_loss"],
+        options["chunk_size"], need_hidden_grad, need_weight_grad)
+    return losses, grad_hidden if need_hidden_grad else None, grad_weight if need_weight_grad else None
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward: row losses and, for "mean"/"sum", the gradients of hidden and weight (kept for backward).
     Backward: those gradients times the scalar upstream gradient. For "none" the upstream gradient differs
@@ -441,7 +408,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.recompute = reduction == "none" and (need_hidden_grad or need_weight_grad)
         valid_count = (target != ignore_index).sum()
         in_forward = not ctx.recompute
-        row_losses, grad_hidden, grad_weight = linear_cross_entropy_pass(
+        row_losses, grad_hidden, grad_weight = _linear_rows(
             hidden, weight, target, row_scale=_row_scale(valid_count, reduction),
             need_hidden_grad=need_hidden_grad and in_forward, need_weight_grad=need_weight_grad and in_forward,
             **ctx.options)
@@ -455,13 +422,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         if ctx.recompute:
             hidden, weight, target = ctx.saved_tensors
-            _, grad_hidden, grad_weight = linear_cross_entropy_pass(
+            _, grad_hidden, grad_weight = _linear_rows(
                 hidden, weight, target, row_scale=grad_output.to(torch.float32).contiguous(),
                 need_hidden_grad=ctx.needs_input_grad[0], need_weight_grad=ctx.needs_input_grad[1], **ctx.options)
         else:
-            grad_hidden, grad_weight = ctx.saved_tensors
-            grad_hidden = None if grad_hidden is None else grad_hidden.mul_(grad_output)
-            grad_weight = None if grad_weight is None else grad_weight.mul_(grad_output)
+            grad_hidden, grad_weight = (_scaled(g, grad_output) for g in ctx.saved_tensors)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
@@ -472,7 +437,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
 
     hidden (N, D), weight (V, D) (under `group`: this rank's contiguous vocabulary slice (V / world, D),
     with hidden replicated on every rank, Megatron's layout). Works through `chunk_size` tokens at a time
-    (default: chunk logits about the size of hidden), so the extra memory is O(chunk_size x V_local) plus
+    (default: see `_auto_chunk_size`), so the extra memory is O(chunk_size x V_local) plus
     the gradients of hidden and weight. Under `group` the gradient of hidden is already summed over the
     group: do not also wrap hidden in a copy-to-tensor-parallel-region op, or it would be summed twice.
     Differentiable in `hidden` and `weight`.
@@ -488,7 +453,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     _check_arguments(fn, weight, hidden.shape[0], weight.shape[0], target, ignore_index, label_smoothing, z_loss,
                      reduction, world)
     if chunk_size is None:
-        chunk_size = _auto_chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1])
+        chunk_size = _auto_chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1], weight.element_size())
     elif chunk_size < 1:
         raise ValueError(f"{fn}: chunk_size={chunk_size}; pass a positive number of rows, or None for automatic")
     return _LinearCrossEntropy.apply(hidden, weight, target.contiguous(), ignore_index, float(label_smoothing),

@@ -11,10 +11,12 @@ RNG states), save.py (atomic sharded saves, synchronous or in a background threa
 of global tensors and resharding weights and optimizer state into this rank's layout).
 """
 from engine.checkpoint.format import (COMPLETE, FORMAT, INDEX, CheckpointError, Share, checkpoint_dir, dedup_tied,
-                                      latest_checkpoint, list_checkpoints, load_meta)
-from engine.checkpoint.load import Reader, apply_model_state, bound_state, load_checkpoint, load_model_state
+                                      latest_checkpoint, list_checkpoints, load_meta, rng_file)
+from engine.checkpoint.load import (Reader, apply_model_state, bound_state, load_checkpoint, load_model_state,
+                                    load_weights)
 from engine.checkpoint.save import Checkpointer, commit, save_weights, write_share
 
 __all__ = ["COMPLETE", "FORMAT", "INDEX", "CheckpointError", "Share", "checkpoint_dir", "dedup_tied",
-           "latest_checkpoint", "list_checkpoints", "load_meta", "Reader", "apply_model_state", "bound_state",
-           "load_checkpoint", "load_model_state", "Checkpointer", "commit", "save_weights", "write_share"]
+           "latest_checkpoint", "list_checkpoints", "load_meta", "rng_file", "Reader", "apply_model_state",
+           "bound_state", "load_checkpoint", "load_model_state", "load_weights", "Checkpointer", "commit",
+           "save_weights", "write_share"]

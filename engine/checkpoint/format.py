@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.errors import FlanError
 from engine.parallel.boxes import Box
 
 FORMAT = "flan-engine sharded checkpoint 1"
@@ -29,8 +30,14 @@ COMPLETE = "COMPLETE"
 INDEX = "index.json"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FlanError, RuntimeError):
     """A checkpoint that cannot be used; the message names the file, the tensor and what is wrong."""
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8,
+          "uint8": torch.uint8, "bool": torch.bool}
+"""The dtype names index.json may hold (what the engine saves); any other name is refused, never looked up."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -169,16 +176,92 @@ def dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def confined(folder: Path, name: Any, where: str) -> Path:
+    """`folder / name` for a file name read from `where` (index.json): a plain name inside the folder, not a
+    path (no separators, no .., not absolute) and not a symlink that leads out of it."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or Path(name).is_absolute():
+        raise CheckpointError(f"{where}: file name {name!r} is not a plain file name inside {folder}; the index is "
+                              "damaged or was not written by this engine")
+    path = folder / name
+    if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{path}: a symlink leading out of the checkpoint folder (to {path.resolve()}); "
+                              "refused: every file of a checkpoint lives in its folder")
+    return path
+
+
+def _check_pieces(path: Path, where: str, name: str, entry: Any, files: dict, ndim: int | None) -> None:
+    pieces = entry.get("pieces") if isinstance(entry, dict) else None
+    if not isinstance(pieces, list):
+        raise CheckpointError(f"{where}: tensor {name!r} has no list of pieces; the index is damaged")
+    for piece in pieces:
+        ok = isinstance(piece, dict) and isinstance(piece.get("key"), str) and isinstance(piece.get("crc32"), int)
+        box = piece.get("box") if ok else None
+        ok = ok and isinstance(box, list) and all(
+            isinstance(b, list) and len(b) == 2 and all(type(x) is int for x in b) and 0 <= b[0] <= b[1] for b in box)
+        if not ok or (ndim is not None and len(box) != ndim):
+            raise CheckpointError(f"{where}: tensor {name!r} has a malformed piece {str(piece)[:120]} (needs file, "
+                                  "key, box, crc32); the index is damaged")
+        confined(path, piece.get("file"), where)
+        if piece["file"] not in files:
+            raise CheckpointError(f"{where}: tensor {name!r} names file {piece['file']!r}, which the index's file "
+                                  "list does not hold; the index is damaged")
+
+
+def check_index(path: Path, index: Any) -> dict[str, Any]:
+    """The index's structure, before anything is read through it: every file name confined to the folder,
+    every dtype from the allow-list, every piece with its box and checksum."""
+    where = str(path / INDEX)
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{where}: not a JSON object; the checkpoint is damaged, use an older one")
+    if index.get("format") != FORMAT:
+        raise CheckpointError(f"{where}: format {index.get('format')!r} is not {FORMAT!r}; this engine cannot "
+                              "read it")
+    missing = [k for k in ("step", "config", "layout", "world_size", "files", "tensors", "ranks") if k not in index]
+    if missing:
+        raise CheckpointError(f"{where}: missing {', '.join(missing)}; the checkpoint is damaged, use an older one")
+    files = index["files"]
+    if not isinstance(files, dict) or not all(type(v) is int for v in files.values()):
+        raise CheckpointError(f"{where}: the file list is malformed; the checkpoint is damaged, use an older one")
+    for name in files:
+        confined(path, name, where)
+    tensors = index["tensors"]
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{where}: the tensor table is malformed; the checkpoint is damaged")
+    for name, entry in tensors.items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise CheckpointError(f"{where}: tensor {name!r} has a malformed shape; the index is damaged")
+        if entry.get("dtype") not in DTYPES:
+            raise CheckpointError(f"{where}: tensor {name!r} has dtype {entry.get('dtype')!r}; accepted: "
+                                  f"{', '.join(DTYPES)}")
+        _check_pieces(path, where, name, entry, files, len(shape))
+    for name, entry in index.get("bound_state", {}).items():
+        _check_pieces(path, where, name, entry, files, None)
+    for record in index["ranks"]:
+        if not isinstance(record, dict) or type(record.get("rank")) is not int or "rng" not in record:
+            raise CheckpointError(f"{where}: a rank record is malformed ({str(record)[:80]}); the index is damaged")
+    return index
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-r{rank:05d}.safetensors"
+
+
 def load_meta(path: str | Path) -> dict[str, Any]:
     """The checkpoint's index (config, layout, step, data position, tensors); refuses unfinished ones."""
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder; give a step-NNNNNN folder (e.g. "
+                              "runs/tiny/checkpoints/step-000300) or a run folder that holds one")
     if not (path / COMPLETE).is_file():
+        if (path / "checkpoints").is_dir() or not (path / INDEX).is_file() and not any(path.glob("*.safetensors")):
+            newest = latest_checkpoint(path)
+            hint = f"its newest complete checkpoint is {newest}" if newest else "it holds no complete checkpoint"
+            raise CheckpointError(f"{path}: not a checkpoint folder (no {INDEX}); {hint}")
         raise CheckpointError(f"{path}: no {COMPLETE} marker, so this checkpoint was never finished; use an older one")
     try:
         index = json.loads((path / INDEX).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path / INDEX}: unreadable ({e}); the checkpoint is damaged, use an older one") from None
-    if index.get("format") != FORMAT:
-        raise CheckpointError(f"{path / INDEX}: format {index.get('format')!r} is not {FORMAT!r}; this engine cannot "
-                              "read it")
-    return index
+    return check_index(path, index)

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.checkpoint.format import INDEX, CheckpointError, crc, load_meta, set_rng_state
+from engine.checkpoint.format import (DTYPES, INDEX, CheckpointError, confined, crc, load_meta, rng_file,
+                                      set_rng_state)
 from engine.parallel.boxes import Box, box_shape, intersect, offset_box
 from engine.parallel.layout import Layout
 from engine.parallel.mesh import Mesh
@@ -27,16 +28,21 @@ from engine.parallel.zero import ZeroAdamW, copy_params_into_slice, slice_parts
 
 
 class Reader:
-    """Lazily opened safetensors files of one checkpoint; regions of global tensors assembled from pieces."""
+    """Lazily opened safetensors files of one checkpoint; regions of global tensors assembled from pieces.
+
+    Every byte handed out is verified: the first time any part of a stored piece is needed the whole piece is
+    read and checked against its crc32 (a slice alone cannot be), later parts of it are sliced lazily; the
+    RNG tensors are checked the same way."""
 
     def __init__(self, path: Path, index: dict):
         self.path, self.index = path, index
         self.handles: dict[str, Any] = {}
+        self.verified: set[tuple[str, str]] = set()
 
     def _open(self, file: str, tensor: str):
         if file in self.handles:
             return self.handles[file]
-        path = self.path / file
+        path = confined(self.path, file, str(self.path / INDEX))
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; index.json lists it for tensor {tensor!r} (the checkpoint was "
                                   "damaged after it was written); resume from an older checkpoint")
@@ -52,23 +58,54 @@ class Reader:
         self.handles[file] = handle
         return handle
 
-    def read_piece(self, piece: dict, name: str, region: Box | None = None) -> torch.Tensor:
-        """A piece's values (the part inside `region`, in global coordinates, when given)."""
-        handle = self._open(piece["file"], name)
-        origin = [a for a, _ in piece["box"]]
-        where = f"{self.path / piece['file']}"
+    def _verified(self, file: str, key: str, name: str, checksum: int, shape: tuple[int, ...] | None):
+        """The stored tensor `key` of `file`, whole, after its checksum (and shape) are checked."""
+        where = self.path / file
         try:
-            lazy = handle.get_slice(piece["key"])
-            if region is None or [list(b) for b in region] == piece["box"]:
-                data = handle.get_tensor(piece["key"])
-                if "crc32" in piece and crc(data) != piece["crc32"]:
-                    raise CheckpointError(f"{where}: tensor {name!r} (key {piece['key']!r}) fails its checksum: the "
-                                          "file is corrupted; resume from an older checkpoint")
-                return data
-            return lazy[tuple(slice(a - o, b - o) for (a, b), o in zip(region, origin))]
+            data = self._open(file, name).get_tensor(key)
         except SafetensorError as e:
-            raise CheckpointError(f"{where}: cannot read tensor {name!r} (key {piece['key']!r}): {e}; the file is "
+            raise CheckpointError(f"{where}: cannot read tensor {name!r} (key {key!r}): {e}; the file is truncated "
+                                  "or corrupted, resume from an older checkpoint") from None
+        if shape is not None and tuple(data.shape) != shape:
+            raise CheckpointError(f"{where}: tensor {name!r} (key {key!r}) holds shape {tuple(data.shape)} where "
+                                  f"index.json says {shape}; the checkpoint is damaged, resume from an older one")
+        if crc(data) != checksum:
+            raise CheckpointError(f"{where}: tensor {name!r} (key {key!r}) fails its checksum: the file is "
+                                  "corrupted; resume from an older checkpoint")
+        self.verified.add((file, key))
+        return data
+
+    def read_piece(self, piece: dict, name: str, region: Box | None = None, *, boxed: bool = True) -> torch.Tensor:
+        """A piece's values (the part inside `region`, in global coordinates, when given), verified; `boxed`:
+        the stored tensor has its box's shape (not so for layout-bound state, which is read whole)."""
+        file, key, box = piece["file"], piece["key"], piece["box"]
+        local = None if region is None or [list(b) for b in region] == box else \
+            tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(region, box))
+        if (file, key) not in self.verified:
+            data = self._verified(file, key, name, piece["crc32"], tuple(b - a for a, b in box) if boxed else None)
+            return data if local is None else data[local]
+        try:
+            lazy = self._open(file, name).get_slice(key)
+            return lazy[local] if local is not None else self._open(file, name).get_tensor(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.path / file}: cannot read tensor {name!r} (key {key!r}): {e}; the file is "
                                   "truncated or corrupted, resume from an older checkpoint") from None
+
+    def rng(self, rank: int) -> dict[str, torch.Tensor]:
+        """Rank `rank`'s torch RNG tensors, each checked against the checksum its record holds (checkpoints
+        from before RNG checksums existed carry none)."""
+        record = next((r for r in self.index["ranks"] if r["rank"] == rank), None)
+        if record is None:
+            raise CheckpointError(f"{self.path / INDEX}: no record of rank {rank}'s RNG state; the index is damaged")
+        file = rng_file(rank)
+        handle = self._open(file, "rng")
+        sums = record.get("rng_crc32")
+        if sums is None:
+            return {k: handle.get_tensor(k) for k in handle.keys()}
+        if set(sums) != set(handle.keys()):
+            raise CheckpointError(f"{self.path / file}: holds RNG tensors {sorted(handle.keys())}, index.json "
+                                  f"recorded {sorted(sums)}; the checkpoint is damaged, resume from an older one")
+        return {k: self._verified(file, k, "rng", sums[k], None) for k in sums}
 
     def entry(self, name: str, expected_shape: tuple[int, ...] | None) -> dict:
         entry = self.index["tensors"].get(name)
@@ -82,16 +119,21 @@ class Reader:
                                   "it was saved with (index.json holds it)")
         return entry
 
-    def region(self, name: str, box: Box, expected_shape: tuple[int, ...] | None) -> torch.Tensor:
-        """The `box` region of global tensor `name`, read from the pieces that overlap it."""
+    def region(self, name: str, box: Box, expected_shape: tuple[int, ...] | None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The `box` region of global tensor `name` (in `dtype`, default the saved one), read from the pieces that
+        overlap it."""
         entry = self.entry(name, expected_shape)
-        out = torch.empty(box_shape(box), dtype=getattr(torch, entry["dtype"]))
+        out = torch.empty(box_shape(box), dtype=dtype or DTYPES[entry["dtype"]])
         covered = 0
         for piece in entry["pieces"]:
             overlap = intersect(tuple(tuple(b) for b in piece["box"]), box)
             if overlap is None:
                 continue
             data = self.read_piece(piece, name, overlap)
+            if data.dtype != out.dtype:
+                raise CheckpointError(f"{self.path / piece['file']}: tensor {name!r} is stored as {data.dtype} "
+                                      f"where index.json says {entry['dtype']}; the checkpoint is damaged")
             out[tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(overlap, box))] = data
             covered += math.prod(box_shape(overlap))
         if covered != math.prod(box_shape(box)):
@@ -133,19 +175,8 @@ def load_checkpoint(path: str | Path, layout: Layout, optimizer) -> dict[str, An
     """Restore this rank's weights, optimizer state and RNG from a checkpoint of any layout; return the index
     (step, data position, config, layout)."""
     path = Path(path)
-    index = load_meta(path)
-    reader = Reader(path, index)
-    saved = {n for n, e in index["tensors"].items() if e["kind"] == "model"}
-    expected = _expected_names(layout)
-    if saved != expected:
-        raise CheckpointError(f"{path / INDEX}: the checkpoint's weights do not match the configured model: missing "
-                              f"{sorted(expected - saved)[:4]}, unexpected {sorted(saved - expected)[:4]}; load it "
-                              "with the config it was saved with (index.json holds it)")
-    specs = layout.shard_specs()
-    with torch.no_grad():
-        for name, p in layout.named_parameters():
-            spec = specs[name]
-            p.copy_(reader.region(spec.global_name, spec.box, spec.global_shape))
+    reader = load_weights(path, layout)
+    index, specs = reader.index, layout.shard_specs()
     if optimizer is not None:
         if index.get("optimizer_kind") is None:
             raise CheckpointError(f"{path}: holds no optimizer state, so training cannot resume from it")
@@ -157,6 +188,25 @@ def load_checkpoint(path: str | Path, layout: Layout, optimizer) -> dict[str, An
             _restore_torch(reader, optimizer, specs, names)
     _restore_rng(reader, index, layout.mesh)
     return index
+
+
+def load_weights(path: str | Path, layout: Layout) -> Reader:
+    """Fill this rank's parameters with their regions of a checkpoint of any layout (only those slices are read,
+    straight into the parameters' dtype): resume and train.init_from. Returns the open reader."""
+    path = Path(path)
+    reader = Reader(path, load_meta(path))
+    saved = {n for n, e in reader.index["tensors"].items() if e["kind"] == "model"}
+    expected = _expected_names(layout)
+    if saved != expected:
+        raise CheckpointError(f"{path / INDEX}: the checkpoint's weights do not match the configured model: missing "
+                              f"{sorted(expected - saved)[:4]}, unexpected {sorted(saved - expected)[:4]}; load it "
+                              "with the config it was saved with (index.json holds it)")
+    specs = layout.shard_specs()
+    with torch.no_grad():
+        for name, p in layout.named_parameters():
+            spec = specs[name]
+            p.copy_(reader.region(spec.global_name, spec.box, spec.global_shape, dtype=p.dtype))
+    return reader
 
 
 def _expected_names(layout: Layout) -> set[str]:
@@ -236,7 +286,7 @@ def bound_state(reader: Reader, name: str, box: Box) -> torch.Tensor:
     entry = reader.index["bound_state"][name]
     for piece in entry["pieces"]:
         if [list(b) for b in box] == piece["box"]:
-            return reader.read_piece(piece, name)
+            return reader.read_piece(piece, name, boxed=False)
     held = [piece["box"] for piece in entry["pieces"]]
     raise CheckpointError(f"{reader.path / INDEX}: optimizer state {name!r} (Adafactor's factored moments) was saved "
                           f"for the slices {held[:3]} and depends on them; this layout needs slice "
@@ -249,6 +299,4 @@ def _restore_rng(reader: Reader, index: dict, mesh: Mesh) -> None:
     same = index["world_size"] == mesh.world_size and index["layout"] == {"dp": mesh.dp, "pp": mesh.pp, "tp": mesh.tp}
     rank = mesh.rank if same else 0
     record = next(r for r in index["ranks"] if r["rank"] == rank)
-    file = f"rng-r{rank:05d}.safetensors"
-    handle = reader._open(file, "rng")
-    set_rng_state({k: handle.get_tensor(k) for k in handle.keys()}, record["rng"])
+    set_rng_state(reader.rng(rank), record["rng"])

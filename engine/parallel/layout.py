@@ -12,7 +12,8 @@
     norm = layout.clip_gradients(max_norm)              # global norm over every shard
     optimizer.step()
 
-    # forward only (validation, the scorer): results on every rank of this model replica
+    # forward only (validation, the scorer): results on every rank of this model replica; under pp the rows
+    # run as up to parallel.microbatches pipelined microbatches (forward_microbatches)
     loss_sum = layout.summed_loss(rows)                 # summed token loss of a labelled batch (0-d fp32)
     hidden = layout.hidden_at(rows, row_index, positions)   # final-norm hidden states (N, d_model) fp32
     logits = layout.logits_at(rows, row_index, positions)   # full-vocabulary logits (N, vocab) fp32
@@ -51,6 +52,7 @@ from engine.parallel import comm
 from engine.parallel.data import GradientSync
 from engine.parallel.mesh import Mesh
 from engine.parallel.pipeline import PipelineStages, run_forward, run_schedule, split_microbatches, split_stages
+from engine.parallel.recompute import apply_recompute
 from engine.parallel.specs import ShardSpec, parameter_specs
 from engine.parallel.tensor import TensorParallelShards, apply_tensor_parallel
 from engine.parallel.zero import ZeroAdamW, slice_square_sum
@@ -90,7 +92,8 @@ class Layout:
         return {"dp": self.mesh.dp, "pp": self.mesh.pp, "tp": self.mesh.tp, "sp": p.sp and self.mesh.tp > 1,
                 "virtual_stages": p.virtual_stages if self.mesh.pp > 1 else 1,
                 "schedule": p.schedule if self.mesh.pp > 1 else "none",
-                "microbatches": p.microbatches if self.mesh.pp > 1 else 1, "zero": int(self.zero)}
+                "microbatches": p.microbatches if self.mesh.pp > 1 else 1, "zero": int(self.zero),
+                "recompute": p.recompute}
 
     def autocast(self):
         """The precision context of every forward (train.precision, already resolved)."""
@@ -116,12 +119,22 @@ class Layout:
         """This rank's rows of one step (train.grad_accum rounds, each through the pipeline schedule under pp):
         gradients accumulated, each token's loss over `total_targets`. Returns the global step loss on every
         rank."""
-        if self.pipeline is not None:
-            loss = self._pipeline_rounds(rows, total_targets)
-            loss = comm.all_reduce(loss, self.mesh.pp_group)  # only the last stage's is non-zero
-        else:
-            loss = self._accumulate(rows, total_targets)
+        with self._shared_casts():
+            if self.pipeline is not None:
+                loss = self._pipeline_rounds(rows, total_targets)
+                loss = comm.all_reduce(loss, self.mesh.pp_group)  # only the last stage's is non-zero
+            else:
+                loss = self._accumulate(rows, total_targets)
         return self.data_parallel_sum(loss)
+
+    def _shared_casts(self):
+        """Under bf16 autocast, one bf16 copy of each weight for the whole step: autocast caches its weight casts
+        until the outermost autocast context exits, so a disabled one around the step keeps the cache across
+        the microbatches (each would otherwise cast, and keep for its backward, its own copy of every weight)
+        while backward runs without autocast."""
+        if self.cfg.train.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.mesh.device.type, dtype=torch.bfloat16, enabled=False)
 
     def _accumulate(self, rows: Batch, total_targets: int) -> torch.Tensor:
         count = rows.tokens.shape[0]
@@ -206,7 +219,7 @@ class Layout:
     def summed_loss(self, rows: Batch) -> torch.Tensor:
         """The summed token loss of a labelled batch of this rank's rows, as fp32 0-d on every rank of its model
         replica (tp and pp peers); sum it over dp with data_parallel_sum."""
-        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None) -> torch.Tensor:
+        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None, pick) -> torch.Tensor:
             return chunk(batch, hidden=hidden, loss_reduction="sum").float()
 
         return self._forward_only(rows, finish, ())
@@ -214,34 +227,52 @@ class Layout:
     @torch.no_grad()
     def hidden_at(self, rows: Batch, row_index: torch.Tensor, position_index: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states (N, d_model) fp32 at the (row, position) pairs, on every rank of the replica."""
-        row_index, position_index = row_index.to(self.mesh.device), position_index.to(self.mesh.device)
+        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None, pick) -> torch.Tensor:
+            return chunk(batch, hidden=hidden, return_hidden=True)[pick].float()
 
-        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None) -> torch.Tensor:
-            return chunk(batch, hidden=hidden, return_hidden=True)[row_index, position_index].float()
-
-        return self._forward_only(rows, finish, (len(row_index), self.cfg.model.d_model))
+        return self._forward_only(rows, finish, (len(row_index), self.cfg.model.d_model), (row_index, position_index))
 
     @torch.no_grad()
     def logits_at(self, rows: Batch, row_index: torch.Tensor, position_index: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary (N, vocab) fp32 at the (row, position) pairs, on every rank of the
         replica (the head's slices gathered over tp)."""
-        row_index, position_index = row_index.to(self.mesh.device), position_index.to(self.mesh.device)
+        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None, pick) -> torch.Tensor:
+            return chunk.output(chunk(batch, hidden=hidden, return_hidden=True)[pick]).float()
 
-        def finish(chunk: Transformer, batch: Batch, hidden: torch.Tensor | None) -> torch.Tensor:
-            h = chunk(batch, hidden=hidden, return_hidden=True)[row_index, position_index]
-            return chunk.output(h).float()
+        return self._forward_only(rows, finish, (len(row_index), self.cfg.model.vocab_size),
+                                  (row_index, position_index))
 
-        return self._forward_only(rows, finish, (len(row_index), self.cfg.model.vocab_size))
+    def forward_microbatches(self, rows: int) -> int:
+        """Microbatches of a forward-only pass under pp: the most, up to parallel.microbatches, that split the
+        rows evenly (the pipeline moves one activation shape)."""
+        return max(m for m in range(1, self.cfg.parallel.microbatches + 1) if rows % m == 0)
 
-    def _forward_only(self, rows: Batch, finish, shape: tuple[int, ...]) -> torch.Tensor:
-        """`finish` on the last stage's output, then (pp > 1) broadcast from the last pipeline rank."""
+    def _forward_only(self, rows: Batch, finish, shape: tuple[int, ...], pairs=None) -> torch.Tensor:
+        """finish(chunk, batch, hidden, pick) on the last stage's output, `pick` the (row, position) indices of
+        `pairs` inside that batch; under pp over microbatches, pipelined, the results summed (no pairs) or put
+        back in pairs order, then broadcast from the last pipeline rank."""
         rows = rows.to(self.mesh.device)
+        if pairs is not None:
+            pairs = tuple(t.to(self.mesh.device) for t in pairs)
         if self.pipeline is None:
             with self.autocast():
-                return finish(self.model, rows, None)
-        out = run_forward(self.pipeline, rows, finish, autocast=self.autocast)
-        if out is None:
-            out = torch.empty(shape, dtype=torch.float32, device=self.mesh.device)
+                return finish(self.model, rows, None, pairs)
+        count = self.forward_microbatches(rows.tokens.shape[0])
+        size = rows.tokens.shape[0] // count
+        picks, where = [None] * count, None
+        if pairs is not None:
+            owner = torch.div(pairs[0], size, rounding_mode="floor")
+            where = [torch.nonzero(owner == m)[:, 0] for m in range(count)]
+            picks = [(pairs[0][w] - m * size, pairs[1][w]) for m, w in enumerate(where)]
+        calls = iter(picks)
+        outs = run_forward(self.pipeline, split_microbatches(rows, count),
+                           lambda chunk, batch, hidden: finish(chunk, batch, hidden, next(calls)),
+                           autocast=self.autocast)
+        out = torch.empty(shape, dtype=torch.float32, device=self.mesh.device)
+        if outs is not None and pairs is None:
+            out = torch.stack(outs).sum(0)
+        elif outs is not None:
+            out[torch.cat(where)] = torch.cat(outs)
         return comm.broadcast(out.contiguous(), self.mesh.pp_group, src=self.mesh.pp - 1)
 
     # ---- state --------------------------------------------------------------------------------------------
@@ -281,14 +312,18 @@ def precision_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def parallelize(model: Transformer, cfg: Config, mesh: Mesh) -> Layout:
+def parallelize(model: Transformer, cfg: Config, mesh: Mesh, materialize=None) -> Layout:
     """Apply the layout to a single-device model (sliced from its weights, so every layout starts equal), in
     torchtitan's order: tensor parallelism swaps modules, pipeline parallelism deletes the ones other stages
-    hold, data parallelism hooks the remaining parameters' gradients. `cfg` must be resolved (resolve_auto)."""
+    hold, data parallelism hooks the remaining parameters' gradients. `cfg` must be resolved (resolve_auto).
+    A model on the meta device is laid out as is; `materialize(model, tp_dims)` then replaces this rank's
+    parameters by real ones before data parallelism hooks them, returning {id(old): new} (engine/build.py's
+    shard-first build)."""
     left = unresolved(cfg)
     if left:
         raise ValueError(f"parallelize: {', '.join(left)} still 'auto'; resolve the config for this device first "
                          "(engine.config.resolve_auto)")
+    apply_recompute(model, cfg.parallel.recompute)  # first: the later steps see the recomputed blocks
     tensor = TensorParallelShards()
     if mesh.tp > 1:
         tensor = apply_tensor_parallel(model, mesh, cfg.parallel.sp)
@@ -299,6 +334,11 @@ def parallelize(model: Transformer, cfg: Config, mesh: Mesh) -> Layout:
         log.info("pipeline stage %d of %d: layers %s, schedule %s, %d microbatches", mesh.pp_rank, mesh.pp,
                  [f"{r.start}-{r.stop - 1}" for r in pipeline.layer_ranges], cfg.parallel.schedule,
                  cfg.parallel.microbatches)
+    if materialize is not None:
+        new = materialize(model, tensor.dims)
+        tensor.partial_grads = [new.get(id(p), p) for p in tensor.partial_grads]
+        if pipeline is not None and pipeline.tied_weight is not None:
+            pipeline.tied_weight = new.get(id(pipeline.tied_weight), pipeline.tied_weight)
     layout = Layout(cfg, mesh, model, tensor, pipeline)
     if mesh.dp > 1:
         # Gradients that need a model-parallel sum first are reduced over dp after it (finish_gradients).

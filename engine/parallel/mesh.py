@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,8 @@ class Mesh:
     """Ranks holding the same shard of different model copies."""
     mp_group: dist.ProcessGroup | None = None
     """The tp x pp ranks that together hold one whole model copy."""
+    timeout_s: float = 300.0
+    """How long a collective or a checkpoint rendezvous waits for a peer (parallel.timeout_s)."""
 
     @property
     def is_logging_rank(self) -> bool:
@@ -90,21 +93,23 @@ def init_mesh(cfg: Config) -> Mesh:
     dp, pp, tp = resolve_degrees(world_size, cfg.parallel)
     device = torch.device("cuda", local_rank) if cfg.train.device == "cuda" else torch.device("cpu")
     if world_size == 1:
-        return Mesh(device=device)
+        return Mesh(device=device, timeout_s=cfg.parallel.timeout_s)
     if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
         raise RuntimeError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; launch with "
                            "torchrun (e.g. torchrun --nproc-per-node=2 -m flan pretrain CONFIG --parallel.tp=2)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        # A bounded wait: a peer that dies (or hangs) ends every rank's collectives with an error, not a hang.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=cfg.parallel.timeout_s))
     dp_rank, pp_rank, tp_rank = coordinates(rank, dp, pp, tp)
     mesh = Mesh(rank=rank, world_size=world_size, dp=dp, pp=pp, tp=tp, dp_rank=dp_rank, pp_rank=pp_rank,
-                tp_rank=tp_rank, device=device)
+                tp_rank=tp_rank, device=device, timeout_s=cfg.parallel.timeout_s)
     for field_name, varying in (("tp_group", "t"), ("pp_group", "p"), ("dp_group", "d"), ("mp_group", "pt")):
         # torch requires every rank to take part in creating every group, in the same order.
         for ranks in group_ranks(dp, pp, tp, varying):
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=timedelta(seconds=cfg.parallel.timeout_s))
             if rank in ranks:
                 setattr(mesh, field_name, group)
     return mesh

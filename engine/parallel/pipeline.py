@@ -2,7 +2,7 @@
 
     stages = split_stages(model, cfg, mesh)          # keep this rank's layers (chunks, when interleaved)
     loss = run_schedule(stages, microbatches, loss_scale=1 / total_targets, autocast=ctx)   # training
-    out = run_forward(stages, batch, finish, autocast=ctx)    # one forward through every stage (evaluation)
+    outs = run_forward(stages, microbatches, finish, autocast=ctx)   # forward only, pipelined (evaluation)
 
 Stages are made by deleting modules (the model's forward skips a missing embedding, norm or head), so layer
 names stay those of the single-device model. With v virtual stages a rank holds v non-contiguous chunks
@@ -216,14 +216,14 @@ def run_schedule(stages: PipelineStages, microbatches: list[Batch], *, loss_scal
     return loss
 
 
-def run_forward(stages: PipelineStages, batch: Batch, finish: Finish, autocast=contextlib.nullcontext
-                ) -> torch.Tensor | None:
-    """One forward of `batch` through every stage (no gradients kept); `finish`'s result on the last pipeline
-    rank, None on the others."""
-    program = forward_only_actions(stages.pp, stages.virtual)[stages.pp_rank]
+def run_forward(stages: PipelineStages, microbatches: list[Batch], finish: Finish, autocast=contextlib.nullcontext
+                ) -> list[torch.Tensor] | None:
+    """The forward of equal-shaped microbatches through every stage, pipelined (no gradients kept); `finish`'s
+    result per microbatch, in order, on the last pipeline rank; None on the others."""
+    program = forward_only_actions(stages.pp, stages.virtual, len(microbatches))[stages.pp_rank]
     with torch.no_grad():
-        results = _run_program(stages, program, [batch], finish, autocast)
-    return results[0] if results else None
+        results = _run_program(stages, program, microbatches, finish, autocast)
+    return results or None
 
 
 def split_microbatches(batch: Batch, count: int) -> list[Batch]:

@@ -113,9 +113,12 @@ def schedule_actions(schedule: str, pp: int, microbatches: int, virtual: int = 1
             for rank in range(pp)]
 
 
-def forward_only_actions(pp: int, virtual: int = 1) -> list[list[Action]]:
-    """Every rank's program for one microbatch's forward through all stages (evaluation)."""
-    return [with_communication([[Action("forward", 0, c)] for c in range(virtual)], rank, pp, virtual)
+def forward_only_actions(pp: int, virtual: int = 1, microbatches: int = 1) -> list[list[Action]]:
+    """Every rank's program for the forward of `microbatches` microbatches through all stages (evaluation):
+    microbatch by microbatch, each chunk in stage order. Sends do not wait for their receiver, so stage s runs
+    microbatch m while stage s+1 runs m-1: the forward half of GPipe, with no backward to wait for."""
+    return [with_communication([[Action("forward", m, c)] for m in range(microbatches) for c in range(virtual)],
+                               rank, pp, virtual)
             for rank in range(pp)]
 
 

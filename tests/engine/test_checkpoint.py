@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine.checkpoint_cli import add_checkpoint_commands, parse_layout
+from engine.checkpoint_cli import parse_layout
 from engine.config import load_config, resolve_auto
 from engine.model import build_model
 from engine.parallel import Mesh, parallelize
+from flan.cli import main
 
 SMALL = ["--model.d_model=64", "--model.n_layers=2", "--model.n_heads=4", "--model.n_kv_heads=2",
          "--model.head_dim=16", "--model.d_ff=128", "--model.vocab_size=256", "--data.seq_len=32"]
@@ -129,10 +130,7 @@ def test_shapes_that_do_not_fit_the_config_are_refused(tmp_path):
 
 
 def run_cli(argv, capsys):
-    parser = argparse.ArgumentParser(prog="flan")
-    add_checkpoint_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    code = args.func(args)
+    code = main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -158,7 +156,7 @@ def test_cli_inspect_and_convert_to_another_layout_and_back(tmp_path, capsys):
     assert_same_state(layout, optimizer, model2, optimizer2)
 
     code, _, err = run_cli(["checkpoint", "convert", str(path), str(back), "--layout", "tp=2"], capsys)
-    assert code == 1 and "already exists" in err
+    assert code == 2 and "already exists" in err
     with pytest.raises(argparse.ArgumentTypeError, match="--layout 'tp=two'"):
         parse_layout("tp=two")
 
@@ -170,3 +168,71 @@ def test_another_optimizer_is_refused(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="holds adamw state but this run's optimizer is adafactor; "
                                                    "resume with --optim.name=adamw"):
         ckpt.load_checkpoint(path, *fresh(other_cfg))
+
+
+def _flip(path, offset: int = -40) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_every_byte_read_is_verified_partial_slices_and_rng_included(tmp_path):
+    cfg, layout, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=3).save(2, layout, optimizer, {"config": cfg.to_dict()})
+    _flip(path / "model-r00000.safetensors")  # inside the last stored tensor's values
+    index = ckpt.load_meta(path)
+    reader = ckpt.Reader(path, index)
+    # The first half of every weight, as a tp rank of another layout reads it: the piece holding the flipped
+    # byte fails its checksum although the half read may not contain that byte.
+    with pytest.raises(ckpt.CheckpointError, match="fails its checksum"):
+        for name, entry in index["tensors"].items():
+            if entry["kind"] == "model":
+                reader.region(name, tuple((0, max(1, n // 2)) for n in entry["shape"]), None)
+
+    again = ckpt.Checkpointer(tmp_path / "rng", Mesh(), keep=3).save(2, layout, optimizer, {"config": cfg.to_dict()})
+    _flip(again / ckpt.rng_file(0))
+    with pytest.raises(ckpt.CheckpointError, match=r"rng-r00000.safetensors: tensor 'rng' \(key 'torch_cpu'\) fails "
+                                                   "its checksum"):
+        ckpt.load_checkpoint(again, *fresh(cfg))
+
+
+def test_convert_refuses_a_corrupted_checkpoint_and_writes_nothing(tmp_path, capsys):
+    cfg, layout, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, layout, optimizer, {"config": cfg.to_dict()})
+    _flip(path / "model-r00000.safetensors")
+    out = tmp_path / "converted"
+    code, _, err = run_cli(["checkpoint", "convert", str(path), str(out), "--layout", "tp=2"], capsys)
+    assert code == 1 and "fails its checksum" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".tmp-converted*"))
+    code, _, err = run_cli(["checkpoint", "inspect", str(path), "--verify"], capsys)
+    assert code == 1 and "fails its checksum" in err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("file", "../../../etc/passwd", r"file name '\.\./\.\./\.\./etc/passwd' is not a plain file name"),
+    ("file", "/etc/passwd", r"file name '/etc/passwd' is not a plain file name"),
+    ("dtype", "nn", r"dtype 'nn'; accepted: float32"),
+    ("dtype", "Tensor", r"dtype 'Tensor'; accepted"),
+])
+def test_index_paths_and_dtypes_are_confined(tmp_path, field, value, message):
+    cfg, layout, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path, Mesh(), keep=1).save(2, layout, optimizer, {"config": cfg.to_dict()})
+    index = json.loads((path / ckpt.INDEX).read_text())
+    entry = next(iter(index["tensors"].values()))
+    if field == "file":
+        entry["pieces"][0]["file"] = value
+    else:
+        entry["dtype"] = value
+    (path / ckpt.INDEX).write_text(json.dumps(index))
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.load_checkpoint(path, *fresh(cfg))
+
+
+def test_a_symlink_out_of_the_folder_is_refused(tmp_path):
+    cfg, layout, optimizer = trained()
+    path = ckpt.Checkpointer(tmp_path / "run", Mesh(), keep=1).save(2, layout, optimizer, {"config": cfg.to_dict()})
+    outside = tmp_path / "elsewhere.safetensors"
+    (path / "model-r00000.safetensors").rename(outside)
+    (path / "model-r00000.safetensors").symlink_to(outside)
+    with pytest.raises(ckpt.CheckpointError, match=r"a symlink leading out of the checkpoint folder"):
+        ckpt.load_model_state(path)

@@ -37,10 +37,29 @@ def test_flags_override_the_file_with_types(tmp_path):
     ("[train]\nbatch_size = 10\ngrad_accum = 3\n", [], r"train\.grad_accum: 3 does not divide train\.batch_size=10"),
     ("model = 3\n", [], r"top-level key 'model' must be a \[section\] table"),
     ("[model\n", [], r"not valid TOML"),
+    # settings that used to be caught late (or never): each names its field before any work
+    ("", ["--train.log_every=0"], r"train\.log_every: is 0; it must be at least 1"),
+    ("", ["--train.val_batches=0"], r"train\.val_batches: is 0; validation .* needs at least 1 batch"),
+    ("", ["--eval.batch_size=0"], r"eval\.batch_size: is 0"),
+    ("", ["--optim.lr=nan"], r"optim\.lr: is nan; accepted: a positive number"),
+    ("", ["--optim.beta1=2"], r"optim\.beta1: is 2\.0; accepted: 0 <= beta1 < 1"),
+    ("", ["--parallel.dp=3"], r"train\.batch_size: 16 rows do not split over parallel\.dp=3"),
+    ("", ["--parallel.dp=1", "--parallel.pp=2", "--parallel.microbatches=3"],
+     r"parallel\.microbatches: train\.batch_size=16 does not split into dp=1 x train\.grad_accum=1 x"),
+    ("[train]\nsteps = \"5\"\n", [], r"train\.steps: '5' is not an integer; write it without quotes"),
+    ("[train]\nasync_save = \"true\"\n", [], r"train\.async_save: 'true' is not a boolean; write true or false"),
+    ("[optim]\nlr = \"1e-3\"\n", [], r"optim\.lr: '1e-3' is not a number; write it without quotes"),
+    ("[parallel]\nzero = true\n", [], r"parallel\.zero: True is not accepted; choose one of 0, 1"),
+    ("# nothing but a comment\n", [], r"c\.toml: holds no settings"),
 ])
 def test_mistakes_fail_with_one_clear_message(tmp_path, text, flags, expected):
     with pytest.raises(ConfigError, match=expected):
-        load_config(write(tmp_path, text), flags)
+        load_config(write(tmp_path, text or "[train]\nsteps = 16\n"), flags)  # "": a file of one setting
+
+
+def test_empty_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"holds no settings \(empty or only comments\); start from a preset"):
+        load_config(write(tmp_path, ""))
 
 
 def test_missing_file_says_where_presets_are(tmp_path):

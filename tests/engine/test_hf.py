@@ -1,5 +1,6 @@
-"""Hugging Face interop: transformers' LlamaForCausalLM on an exported folder gives our logits, its tokenizer
-our ids; import-hf brings the same weights back; unsupported inputs are refused by name."""
+"""export-hf: transformers' LlamaForCausalLM on an exported folder gives our logits, its tokenizer our ids, for
+every tokenizer kind (SentencePiece unigram and BPE, tokenizer.json); import -> export round-trips the
+original folder's logits and ids exactly; a non-empty output folder is refused unless --force."""
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from engine.batch import Batch
 from engine.checkpoint import load_meta, load_model_state, save_weights
 from engine.config import Config, ModelConfig, load_config
-from engine.hf import HFError, check_tokenizer, export_hf, import_hf, model_config_from_llama
+from engine.hf import HFError, check_tokenizer, export_hf, import_hf
 from engine.model import build_model
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra (requirements-test.txt)")
@@ -71,26 +72,14 @@ def test_import_brings_the_exported_weights_back(tmp_path, tokenizer):
     assert preset.to_dict() == cfg
 
 
-def test_unsupported_llama_variants_are_refused(tmp_path):
-    base = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
-            "num_hidden_layers": 1, "num_attention_heads": 4}
-    assert model_config_from_llama(base, tmp_path).head_dim == 8
-    with pytest.raises(HFError, match="rope scaling 'llama3'"):
-        model_config_from_llama(dict(base, rope_scaling={"rope_type": "llama3"}), tmp_path)
-    with pytest.raises(HFError, match="attention_bias=true"):
-        model_config_from_llama(dict(base, attention_bias=True), tmp_path)
-    with pytest.raises(HFError, match="hidden_act='relu'"):
-        model_config_from_llama(dict(base, hidden_act="relu"), tmp_path)
-    with pytest.raises(HFError, match="model_type is 'gpt2'"):
-        model_config_from_llama(dict(base, model_type="gpt2"), tmp_path)
-
-
 def test_import_names_a_missing_tensor_and_tokenizer(tmp_path, tokenizer):
     _, step = saved_model(tmp_path, tokenizer)
     out = export_hf(step, tmp_path / "hf")
     (out / "tokenizer.model").unlink()
-    with pytest.raises(HFError, match="no tokenizer.model"):
+    (out / "tokenizer.json").rename(out / "kept.json")
+    with pytest.raises(HFError, match="neither tokenizer.model nor tokenizer.json"):
         import_hf(out, tmp_path / "a")
+    (out / "kept.json").rename(out / "tokenizer.json")
     from safetensors.torch import load_file, save_file
 
     weights = load_file(str(out / "model.safetensors"))
@@ -98,3 +87,61 @@ def test_import_names_a_missing_tensor_and_tokenizer(tmp_path, tokenizer):
     save_file(weights, str(out / "model.safetensors"))
     with pytest.raises(HFError, match="model.layers.1.mlp.up_proj.weight' is missing"):
         import_hf(out, tmp_path / "b")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, shared_data):
+    from hf_folders import built
+
+    return {k: built(k, tmp_path_factory, shared_data / "corpus") for k in ("llama2", "llama3")}
+
+
+def hf_logits(folder) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+@pytest.mark.parametrize("kind, trust", [("llama2", "json"), ("llama3", "auto")])
+def test_import_then_export_round_trips_logits_and_ids(kind, trust, folders, tmp_path, shared_data):
+    from engine.hf.tokenizer_check import probe_texts
+
+    step = import_hf(folders[kind], tmp_path / "run", trust=trust)
+    out = export_hf(step, tmp_path / "hf")
+    torch.testing.assert_close(hf_logits(out), hf_logits(folders[kind]), rtol=0, atol=0)
+    original, exported = (transformers.AutoTokenizer.from_pretrained(f) for f in (folders[kind], out))
+    for text in probe_texts():
+        assert exported.encode(text) == original.encode(text), text
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == (kind == "llama3")
+
+
+def test_sentencepiece_bpe_exports_and_comes_back(folders, tmp_path):
+    from engine.hf.tokenizer_check import probe_texts
+    from engine.tokenizer import Tokenizer
+
+    step = import_hf(folders["llama2"], tmp_path / "run", trust="model")  # SentencePiece BPE, byte fallback
+    tok = Tokenizer.load(load_meta(step)["config"]["data"]["tokenizer"])
+    out = export_hf(step, tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.kind == "sentencepiece-bpe" and check_tokenizer(hf_tok, tok, probe_texts()) == []
+    assert hf_tok.decode(tok.encode("Hello world, 12 apples.")) == "Hello world, 12 apples."
+    torch.testing.assert_close(hf_logits(out), hf_logits(folders["llama2"]), rtol=0, atol=0)
+    back = import_hf(out, tmp_path / "back")  # the two files of the export agree, so no --trust-tokenizer
+    for name, t in load_model_state(back).items():
+        assert torch.equal(t, load_model_state(step)[name])
+
+
+def test_export_into_a_non_empty_folder_needs_force(tmp_path, tokenizer):
+    _, step = saved_model(tmp_path, tokenizer)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    (out / "config.json").write_text("{}")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    with pytest.raises(HFError, match="already exists and is not empty.*--force"):
+        export_hf(step, out)
+    assert (out / "config.json").read_text() == "{}"  # untouched
+    export_hf(step, out, force=True)
+    assert not (out / "model-00001-of-00002.safetensors").exists() and (out / "README.md").read_text() == "mine"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"

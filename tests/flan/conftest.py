@@ -12,6 +12,7 @@ class WordTokenizer:
 
     pad_id, bos_id, eos_id = 0, 2, 3
     vocab_size = 1000
+    add_bos = False
 
     def encode(self, text: str) -> list[int]:
         return [4 + zlib.crc32(w.encode()) % (self.vocab_size - 4) for w in text.split()]

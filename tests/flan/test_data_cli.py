@@ -1,19 +1,15 @@
 """`flan data tasks | preview | mix` through the argparse hook flan/cli.py registers."""
-import argparse
 import json
 
 import pytest
 
 from engine.config import Config
-from flan.data_cli import add_data_commands, mix_report
+from flan.cli import main
+from flan.data_cli import mix_report
 
 
 def run(argv, capsys):
-    parser = argparse.ArgumentParser(prog="flan")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = rest
-    code = args.func(args)
+    code = main(argv)  # flan/cli.py main(): the one place errors become a line and an exit code
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -41,14 +37,14 @@ def test_preview_renders_real_rows(capsys):
     assert "OPTIONS:\n- " in out and "--- options ---" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["data", "preview", "nope"], "unknown dataset 'nope'; known datasets:"),
-    (["data", "preview", "squad"], "dataset squad has no local data"),
-    (["data", "preview", "rte", "--template", "12"], "--template 12 out of range 0..9"),
+@pytest.mark.parametrize("argv, expected_code, message", [
+    (["data", "preview", "nope"], 2, "unknown dataset 'nope'; known datasets:"),
+    (["data", "preview", "squad"], 1, "dataset squad has no local data"),
+    (["data", "preview", "rte", "--template", "12"], 2, "--template 12 out of range 0..9"),
 ])
-def test_preview_errors_are_one_line(capsys, argv, message):
+def test_preview_errors_are_one_line(capsys, argv, expected_code, message):
     code, _, err = run(argv, capsys)
-    assert code == 1 and message in err
+    assert code == expected_code and message in err
 
 
 def test_mix_report(word_tokenizer):

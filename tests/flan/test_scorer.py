@@ -1,6 +1,5 @@
 """Scorer: shared-prompt option scores equal full-sequence log-likelihoods; generation equals naive greedy;
 evaluation splits, template choice, report summaries and the `flan eval` command end to end."""
-import argparse
 import json
 
 import pytest
@@ -13,7 +12,6 @@ from engine.config import Config, ModelConfig, load_config
 from engine.model import build_model
 from flan.evaluate import EvalError, build_requests, dev_test_rows, eval_templates
 from flan.registry import load_registry
-from flan.report import ALL_DATASETS, summarize, write_report
 from flan.scorer import (EvalRequest, RankResult, cut_at_stop, greedy_generate, option_logprobs, rank_classify,
                          score_requests)
 
@@ -168,39 +166,11 @@ def test_requests_render_options_gold_and_few_shot(shared_data):
     assert set(qa.references) == {qa.target, *qa_rows[0]["answers"]}
 
 
-# ---- report --------------------------------------------------------------------------------------------
-def row(model, dataset, template, split, value, metric="acc", cluster="nli"):
-    return {"model": model, "dataset": dataset, "cluster": cluster, "template": template, "split": split,
-            "metric": metric, "value": value, "n": 10, "stderr": 2.0, "primary": True}
-
-
-def test_summary_mean_spread_dev_pick_and_cluster_average(tmp_path):
-    rows = [row("tuned", "rte", 0, "test", 60.0), row("tuned", "rte", 1, "test", 80.0),
-            row("tuned", "rte", 0, "dev", 90.0), row("tuned", "rte", 1, "dev", 50.0),
-            row("tuned", "cb", 0, "test", 40.0), row("base", "rte", 0, "test", 50.0)]
-    out = summarize(rows)
-    get = {(r["model"], r["dataset"], r["template"]): r for r in out if r["split"] == "test"}
-    mean = get[("tuned", "rte", "mean")]
-    assert mean["value"] == 70.0 and mean["spread"] == 10.0 and mean["stderr"] == pytest.approx(8 ** 0.5 / 2)
-    best = get[("tuned", "rte", "best")]
-    assert best["picked"] == 0 and best["value"] == 60.0  # picked on dev, reported on test
-    cluster = get[("tuned", ALL_DATASETS, "mean")]
-    assert cluster["value"] == 55.0 and cluster["datasets"] == ["cb", "rte"]
-    paths = write_report(out, tmp_path)
-    saved = json.loads(paths["json"].read_text())
-    assert all({"dataset", "cluster", "template", "metric", "value", "n", "stderr"} <= set(r) for r in saved)
-    assert "| nli | acc | 55.0" in paths["markdown"].read_text() and paths["plot"].stat().st_size > 0
-
-
 # ---- the command ---------------------------------------------------------------------------------------
 def run_flan(argv):
-    from flan.eval_cli import add_eval_commands
+    from flan.cli import main  # the one place errors become a line and an exit code
 
-    parser = argparse.ArgumentParser(prog="flan")
-    add_eval_commands(parser.add_subparsers(dest="command", required=True))
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = rest
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +194,7 @@ def test_eval_command_writes_scores_for_tuned_and_base(tiny_run, tmp_path, capsy
                      "--datasets", "rte,common_gen", "--templates", "0,1", "--limit", "4", "--out", str(out),
                      "--eval.max_new_tokens=3"])
     assert code == 0
-    rows = json.loads((out / "scores.json").read_text())
+    rows = json.loads((out / "scores.json").read_text())["rows"]
     tuned = {(r["dataset"], r["metric"]) for r in rows if r["model"] == "tuned" and r["template"] == "mean"}
     assert {("rte", "acc"), ("rte", "acc_norm_byte"), ("common_gen", "rougeL")} <= tuned
     same = [(a["value"], b["value"]) for a in rows for b in rows if a["model"] == "tuned" and b["model"] == "base"
@@ -232,6 +202,14 @@ def test_eval_command_writes_scores_for_tuned_and_base(tiny_run, tmp_path, capsy
                                                                           b["metric"], b["split"])]
     assert same and all(a == b for a, b in same)  # the same weights score the same
     assert (out / "heldout.png").is_file() and "| rte | nli | acc |" in capsys.readouterr().out
+    samples = [json.loads(line) for line in (out / "samples" / "rte.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 2 * 4  # models x templates x examples (dev and test halves)
+    s = samples[0]
+    assert {"model", "template", "example", "split", "prompt", "options", "gold", "logprobs", "option_tokens",
+            "option_bytes", "predictions", "metrics", "truncated"} <= set(s)
+    assert s["metrics"]["acc"] == float(s["predictions"]["acc"] == s["gold"])
+    gen = json.loads((out / "samples" / "common_gen.jsonl").read_text().splitlines()[0])
+    assert {"text", "references"} <= set(gen) and "rougeL" in gen["metrics"]
 
 
 def test_eval_command_errors_name_the_argument(tiny_run, tmp_path, capsys):

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.attention import (_segment_bounds, attention_backward, attention_forward, flash_attention)
+from kernels.attention import attention_backward, attention_forward, attention_segments, flash_attention
 from kernels.attention_reference import attention_mask, attention_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -123,12 +123,12 @@ def test_poisoned_outputs_are_fully_overwritten():
     q, k, v, grad_out = make_inputs(B, S, Hq, Hkv, D, torch.float32)
     segment_ids = packed_segments(B, S, [5, 1, 20])
     scale = D ** -0.5
+    segments = attention_segments(segment_ids, causal=True)
+    seg = dict(causal=True, segment_ids=segments.ids, bounds=segments.bounds, softmax_scale=scale)
     out = torch.full_like(q, float("nan"))
-    out, lse, state = attention_forward(q, k, v, causal=True, segment_ids=segment_ids, softmax_scale=scale,
-                                        out=out)
+    out, lse = attention_forward(q, k, v, out=out, **seg)
     grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
-    grads = attention_backward(grad_out, q, k, v, out, lse, state, causal=True, has_segments=True,
-                               softmax_scale=scale, grads=grads)
+    grads = attention_backward(grad_out, q, k, v, out, lse, grads=grads, **seg)
     ours = (out, *grads)
     _, ref = run_both(q, k, v, grad_out, causal=True, segment_ids=segment_ids)
     for name, t in zip(("out", "dq", "dk", "dv"), ours):
@@ -149,17 +149,26 @@ def test_strided_inputs_and_custom_scale():
 
 def test_segment_bounds_are_tight_for_packed_rows_and_safe_for_any_ids():
     seg = torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0], [5, 5, 2, 2, 5, -1, 9, 9]], dtype=torch.int32)
-    kv, qb = _segment_bounds(seg, causal=True)
-    # Row 0 is packed (contiguous increasing ids, padding at the end): exact segment ranges.
-    assert kv[0].tolist() == [[0, 0, 0, 3, 3, 5, 8, 8], [1, 2, 3, 4, 5, 6, 0, 0]]
-    assert qb[0].tolist() == [[0, 1, 2, 3, 4, 5, 8, 8], [3, 3, 3, 5, 5, 6, 0, 0]]
-    # Any ids (repeated runs, negative, larger than S): every allowed pair lies inside the bounds.
+    bounds = attention_segments(seg, causal=True).bounds  # (B, side, [lo, hi, full_lo, full_hi], S)
+    # Row 0 is packed (contiguous increasing ids, padding at the end): visit and full ranges coincide.
+    assert bounds[0, 0, :2].tolist() == [[0, 0, 0, 3, 3, 5, 8, 8], [1, 2, 3, 4, 5, 6, 0, 0]]
+    assert bounds[0, 1, :2].tolist() == [[0, 1, 2, 3, 4, 5, 8, 8], [3, 3, 3, 5, 5, 6, 0, 0]]
+    assert torch.equal(bounds[0, :, 2:], bounds[0, :, :2])
+    # Row 1 repeats id 5 in two runs: the visit range spans both, the full range only the token's own run.
+    assert bounds[1, 1, :, 0].tolist() == [0, 5, 0, 2]
+    # Any ids (repeated runs, negative, larger than S): every allowed pair lies inside the visit range,
+    # and every pair inside the full range is allowed.
     for causal in (True, False):
-        kv, qb = _segment_bounds(seg, causal=causal)
+        bounds = attention_segments(seg, causal=causal).bounds
         allowed = attention_mask(seg.shape[1], causal=causal, segment_ids=seg, device="cpu")
         b, i, j = allowed.nonzero(as_tuple=True)
-        assert ((kv[b, 0, i] <= j) & (j < kv[b, 1, i])).all()
-        assert ((qb[b, 0, j] <= i) & (i < qb[b, 1, j])).all()
+        assert ((bounds[b, 0, 0, i] <= j) & (j < bounds[b, 0, 1, i])).all()
+        assert ((bounds[b, 1, 0, j] <= i) & (i < bounds[b, 1, 1, j])).all()
+        idx = torch.arange(seg.shape[1])
+        for side in (0, 1):
+            inside = (bounds[:, side, 2, :, None] <= idx) & (idx < bounds[:, side, 3, :, None])  # (B, token, other)
+            pairs = inside if side == 0 else inside.transpose(1, 2)  # as (B, query, key)
+            assert (allowed[pairs.nonzero(as_tuple=True)]).all(), f"side {side}, causal={causal}"
 
 
 def test_arbitrary_segment_ids_still_exact():

@@ -248,7 +248,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     import kernels.cross_entropy
     ce = sys.modules["kernels.cross_entropy"]
     n_cols = 128256
-    block_v, num_warps = ce._launch_config(n_cols, torch.device("cuda"))
+    block_v, num_warps = ce.launch_config(n_cols, torch.device("cuda"))
     common = {"logits_ptr": "*bf16", "logits_row_stride": "i64", "target_ptr": "*i64", "ignore_index": "i64"}
     grad = {"grad_ptr": "*bf16", "grad_row_stride": "i64", "scale_ptr": "*fp32", "scale_stride": "i32",
             "label_smoothing": "fp32", "z_loss": "fp32"}
@@ -262,7 +262,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
     for kernel, types in kernels.items():
         signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
         source = triton.compiler.ASTSource(fn=kernel, signature=signature,
-                                           constexprs={"N_COLS": n_cols, "BLOCK_V": block_v})
+                                           constexprs={"N_COLS": n_cols, "BLOCK_V": block_v, "SMOOTHING": True})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])

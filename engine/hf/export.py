@@ -1,0 +1,134 @@
+"""`flan export-hf`: a checkpoint as a transformers Llama folder, for every tokenizer kind we load.
+
+    export_hf("runs/tiny/checkpoints/step-000400", "runs/tiny/hf", force=False)
+
+The tokenizer goes out as a `tokenizers` tokenizer.json that AutoTokenizer loads as it is
+(tokenizer_class PreTrainedTokenizerFast, so no class-specific rebuilding) and that encodes to our ids:
+    sentencepiece-unigram / -bpe   the pieces (and for BPE the merges) of the .model file, with
+                                   SentencePiece's own normalisation (its precompiled map, whitespace
+                                   trimmed and collapsed where it does that, the "▁" prefix) and byte
+                                   fallback; the .model file is copied too, so import-hf brings it back exactly;
+    tokenizers                     the tokenizer.json itself.
+BOS is added by the tokenizer's post-processor exactly when our model adds it. `check_tokenizer` measures
+the agreement on sample texts. An existing non-empty OUT is refused unless force=True; then the files an
+HF loader would read that this export does not write (old shards, index, tokenizer files) are removed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from engine.checkpoint import dedup_tied, load_meta, load_model_state
+from engine.config import config_from_dict
+from engine.hf.config import HFError, hf_name, llama_config
+
+# What an HF loader reads from a model folder; the stale ones go when --force replaces an export.
+HF_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+            "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer.model",
+            "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def _sentencepiece_backend(sp_model: Path):
+    """A `tokenizers` Tokenizer encoding like the SentencePiece file (unigram or BPE, byte fallback)."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE, Unigram
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(Path(sp_model).read_bytes())
+    spec, trainer = proto.normalizer_spec, proto.trainer_spec
+    unk = next(i for i, p in enumerate(proto.pieces) if p.type == 2)
+    if trainer.model_type == 1:
+        model = Unigram([(p.piece, p.score) for p in proto.pieces], unk_id=unk, byte_fallback=trainer.byte_fallback)
+    else:
+        from transformers.convert_slow_tokenizer import generate_merges
+
+        vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+        model = BPE(vocab, generate_merges(vocab), unk_token=proto.pieces[unk].piece, fuse_unk=True,
+                    byte_fallback=trainer.byte_fallback)
+    tok = Tokenizer(model)
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:  # SentencePiece trims both ends and collapses runs of spaces
+        steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:  # one "▁" in front, even before a leading space (Metaspace would not double it)
+        steps.append(normalizers.Prepend("▁"))
+    tok.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", "▁")])
+    # Split before every "▁": no piece spans a word boundary, so encoding word by word equals SentencePiece's
+    # encoding of the whole text (Viterbi for unigram, merges for BPE).
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1 if spec.add_dummy_prefix else 0)])
+    return tok
+
+
+def hf_tokenizer(tokenizer):
+    """A transformers fast tokenizer that encodes like our tokenizer, BOS included where ours adds it."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    if tokenizer.kind == "tokenizers":
+        tok = Tokenizer.from_file(str(tokenizer.path))
+    else:
+        tok = _sentencepiece_backend(tokenizer.path)
+    name = tok.id_to_token
+    if tokenizer.add_bos:
+        bos = name(tokenizer.bos_id)
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, tokenizer.bos_id)])
+    else:
+        tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    unk = tok.model.unk_token if hasattr(tok.model, "unk_token") else None
+    specials = {name(i) for i in (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=name(tokenizer.bos_id), eos_token=name(tokenizer.eos_id),
+        pad_token=name(tokenizer.pad_id), unk_token=unk if unk not in specials else None,
+        clean_up_tokenization_spaces=False)
+
+
+def check_tokenizer(hf_tok, tokenizer, texts: list[str]) -> list[str]:
+    """Texts on which the exported tokenizer's ids (BOS included) differ from ours (empty when all agree)."""
+    return [t for t in texts if hf_tok.encode(t) != tokenizer.bos_prefix + tokenizer.encode(t)]
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise HFError(f"{out}: already exists and is not empty; export into a new folder, or pass --force to "
+                      "replace the model files in it (files of an earlier export that this one does not write "
+                      "are removed)")
+
+
+def export_hf(step_dir: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Write `out` as a Llama-format folder (config, safetensors weights, tokenizer) from a checkpoint folder."""
+    from engine.tokenizer import load_tokenizer
+
+    step_dir, out = Path(step_dir), Path(out)
+    _check_out(out, force)
+    cfg = config_from_dict(load_meta(step_dir)["config"], f"{step_dir} (its stored config)")
+    tokenizer = load_tokenizer(cfg)
+    state = load_model_state(step_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
+        tmp = Path(tmp)
+        tensors = {hf_name(k): v.float().contiguous() for k, v in dedup_tied(state).items()
+                   if not (cfg.model.tie_embeddings and k == "output.weight")}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del tensors, state
+        (tmp / "config.json").write_text(json.dumps(llama_config(cfg, tokenizer), indent=1))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}))
+        hf_tokenizer(tokenizer).save_pretrained(str(tmp))
+        if tokenizer.kind != "tokenizers":  # lets `flan import-hf` bring the SentencePiece file back exactly
+            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+        written = {p.name for p in tmp.iterdir()}
+        out.mkdir(exist_ok=True)
+        for pattern in HF_FILES:
+            for stale in out.glob(pattern):
+                if stale.name not in written and stale.is_file():
+                    stale.unlink()
+        for name in written:
+            (tmp / name).replace(out / name)
+    return out

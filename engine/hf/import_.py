@@ -1,0 +1,195 @@
+"""`flan import-hf`: a transformers Llama-architecture folder streamed into our sharded checkpoint format.
+
+    import_hf("path/to/llama", "runs/llama", dtype="bfloat16", layout={"dp": 1, "pp": 1, "tp": 2})
+    -> runs/llama/checkpoints/step-000000 (the shards of that layout), runs/llama/config.toml, the tokenizer
+
+Tensor by tensor: each is read from its safetensors file, cast to --dtype, sliced into the regions the
+layout's ranks own (`layout_boxes`, the converter's rule) and written at its place in each rank's file, whose
+header is known up front from the shapes; so the host holds one tensor and its slices, never the model.
+Paths in the folder's weight_map stay inside the folder (no "..", no absolute paths, no symlinks leading
+out). The target folder must not exist or be empty: an import never mixes with a run already there.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from engine.checkpoint import checkpoint_dir, commit
+from engine.checkpoint.format import crc, rng_state
+from engine.config import Config, layout_problem
+from engine.hf.config import HFError, hf_name, model_config_from_llama, our_name
+from engine.hf.safetensors_stream import StreamWriter, read_header, read_tensor
+from engine.parallel.boxes import box_shape
+from engine.parallel.mesh import coordinates
+from engine.parallel.specs import layout_boxes
+
+OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def confined(folder: Path, relative: str, where: Path) -> Path:
+    """`relative` (read from a file) as a path inside `folder`, or HFError: no "..", absolute or escaping link."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise HFError(f"{where}: path {relative!r} leaves the model folder; weight files must lie inside it")
+    path = folder / rel
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise HFError(f"{where}: {relative!r} is a link to {path.resolve()}, outside the model folder")
+    return path
+
+
+def weight_sources(folder: Path) -> dict[str, tuple[Path, int, dict]]:
+    """HF tensor name -> (file, data start, header entry), from model.safetensors or the index's weight_map."""
+    single, index = folder / "model.safetensors", folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: confined(folder, f, index) for name, f in weight_map.items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise HFError(f"{index}: no readable weight_map ({e})") from None
+    elif single.is_file():
+        files = {name: single for name in read_header(single)[0]}
+    else:
+        raise HFError(f"{folder}: neither model.safetensors nor {INDEX_FILE} found; save the model with "
+                      "safe_serialization=True (pickled .bin weights are not read)")
+    out, headers = {}, {}
+    for name, path in files.items():
+        if path not in headers:
+            if not path.is_file():
+                raise HFError(f"{path}: listed in {INDEX_FILE} but missing")
+            headers[path] = read_header(path)
+        header, start = headers[path]
+        if name not in header:
+            raise HFError(f"{path}: has no tensor {name!r}, which {INDEX_FILE} places there")
+        out[name] = (path, start, header[name])
+    return out
+
+
+def _our_sources(folder: Path, model_cfg) -> dict[str, tuple[Path, int, dict]]:
+    """Our tensor name -> source, checked for completeness and shape against the config (nothing read)."""
+    from engine.model import Transformer
+
+    ours = {}
+    for name, src in weight_sources(folder).items():
+        mine = our_name(name, folder)
+        if mine is not None:
+            ours[mine] = src
+    if model_cfg.tie_embeddings:
+        ours.pop("output.weight", None)  # some tied models store the head too: it is the embedding
+    with torch.device("meta"):
+        wanted = Transformer(model_cfg).state_dict()
+    if model_cfg.tie_embeddings:
+        wanted.pop("output.weight")
+    for name, t in wanted.items():
+        if name not in ours:
+            extra = " and tie_word_embeddings is false" if name == "output.weight" else ""
+            raise HFError(f"{folder}: tensor {hf_name(name)!r} is missing from the weights{extra}")
+        shape = tuple(ours[name][2]["shape"])
+        if shape != tuple(t.shape):
+            raise HFError(f"{ours[name][0]}: tensor {hf_name(name)!r} has shape {shape}, but config.json implies "
+                          f"{tuple(t.shape)}")
+    return {name: ours[name] for name in wanted}
+
+
+def check_target(run_dir: Path) -> None:
+    """Import only into a new or empty folder: a run already there would prune or outrank the import."""
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise HFError(f"{run_dir}: already exists and is not empty (a run or other files); import into a new "
+                      "folder, e.g. runs/<model-name>")
+
+
+def stream_weights(sources: dict[str, tuple[Path, int, dict]], run_dir: Path, cfg: Config, dtype: torch.dtype,
+                   layout: dict[str, int], meta: dict) -> Path:
+    """Write <run_dir>/checkpoints/step-000000 sharded for `layout`, one source tensor in memory at a time."""
+    dp, pp, tp = layout["dp"], layout["pp"], layout["tp"]
+    shapes = {name: tuple(src[2]["shape"]) for name, src in sources.items()}
+    root = checkpoint_dir(run_dir)
+    tmp, final = root / ".tmp-step-000000-import", root / "step-000000"
+    tmp.mkdir(parents=True)
+    world = dp * pp * tp
+    boxes = [layout_boxes(cfg, shapes, pp, tp, *coordinates(r, dp, pp, tp)[1:]) if coordinates(r, dp, pp, tp)[0] == 0
+             else {} for r in range(world)]  # data-parallel replicas write no weights (one writer per region)
+    writers = {r: StreamWriter(tmp / f"model-r{r:05d}.safetensors",
+                               {f"{n}#0": (dtype, box_shape(b)) for n, b in boxes[r].items()})
+               for r in range(world) if boxes[r]}
+    tensors: list[dict] = [{} for _ in range(world)]
+    for name, (path, start, entry) in sources.items():
+        full = read_tensor(path, start, entry).to(dtype)
+        for r, writer in writers.items():
+            box = boxes[r].get(name)
+            if box is None:
+                continue
+            piece = full[tuple(slice(a, b) for a, b in box)].contiguous()
+            writer.write(f"{name}#0", piece)
+            tensors[r][name] = {"shape": list(shapes[name]), "dtype": str(dtype).removeprefix("torch."),
+                                "kind": "model", "pieces": [{"file": writer.path.name, "key": f"{name}#0",
+                                                             "box": [list(b) for b in box], "crc32": crc(piece)}]}
+            del piece
+        del full
+    sizes = {r: {w.path.name: w.close()} for r, w in writers.items()}
+    rng_tensors, rng_json = rng_state()
+    fragments = []
+    for r in range(world):
+        rng_file = tmp / f"rng-r{r:05d}.safetensors"
+        save_file(rng_tensors, str(rng_file))
+        files = dict(sizes.get(r, {}), **{rng_file.name: rng_file.stat().st_size})
+        fragments.append({"rank": r, "coords": list(coordinates(r, dp, pp, tp)), "files": files,
+                          "tensors": tensors[r], "bound": {}, "scalars": {}, "rng": rng_json})
+    commit(tmp, final, fragments, dict(meta, step=0, world_size=world, layout=dict(layout), optimizer_kind=None),
+           keep=1)
+    return final
+
+
+def import_hf(folder: str | Path, run_dir: str | Path, dtype: str = "float32", layout: dict[str, int] | None = None,
+              trust: str = "auto") -> Path:
+    """Bring a Llama-architecture HF folder in as <run_dir>/checkpoints/step-000000 (+ config.toml, tokenizer)."""
+    from engine.hf.tokenizer_check import bring_tokenizer
+
+    folder, run_dir = Path(folder), Path(run_dir)
+    layout = dict({"dp": 1, "pp": 1, "tp": 1}, **(layout or {}))
+    if dtype not in OUT_DTYPES:
+        raise HFError(f"--dtype {dtype!r}: choose one of {', '.join(OUT_DTYPES)}")
+    check_target(run_dir)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise HFError(f"{config_path}: not found; point import-hf at a transformers model folder")
+    try:
+        hf_cfg = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise HFError(f"{config_path}: not valid JSON ({e})") from None
+    model_cfg = model_config_from_llama(hf_cfg, config_path)
+    problem = layout_problem(model_cfg, layout["tp"], layout["pp"])
+    if problem:
+        raise HFError(f"--layout {layout}: this model ({config_path}) cannot be split that way: {problem[1]}")
+    sources = _our_sources(folder, model_cfg)
+    cfg = Config(model=model_cfg)
+    cfg.parallel.tp, cfg.parallel.pp = layout["tp"], layout["pp"]
+    cfg.train.run_dir = str(run_dir / "tuned")
+    with bring_tokenizer(folder, trust) as staged:  # checked against transformers before anything is written
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for f in staged.iterdir():
+            shutil.copyfile(f, run_dir / f.name)
+    tokenizer_file = next(run_dir / n for n in ("tokenizer.model", "tokenizer.json") if (run_dir / n).is_file())
+    cfg.data.tokenizer = str(tokenizer_file.resolve())
+    cfg.validate(str(config_path))
+    (run_dir / "config.toml").write_text(config_toml(cfg, f"imported by `flan import-hf` from {folder}"))
+    meta = {"config": cfg.to_dict(), "imported_from": str(folder), "source_dtypes": sorted(
+        {e["dtype"] for _, _, e in sources.values()})}
+    return stream_weights(sources, run_dir, cfg, OUT_DTYPES[dtype], layout, meta)
+
+
+def config_toml(cfg: Config, comment: str) -> str:
+    """A TOML preset reproducing `cfg` (every section and field), for tuning an imported model."""
+    def value(v) -> str:
+        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+
+    lines = [f"# {comment}"]
+    for section, table in cfg.to_dict().items():
+        lines += ["", f"[{section}]"] + [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+

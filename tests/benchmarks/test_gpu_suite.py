@@ -1,0 +1,41 @@
+"""benchmarks/gpu_suite.sh: its dry run lists every GPU step, and its CPU smoke runs end to end."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SUITE = REPO / "benchmarks" / "gpu_suite.sh"
+
+
+def run_suite(out: Path, mode: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run(["bash", str(SUITE), str(out), mode], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=REPO)
+
+
+def test_dry_run_lists_the_gpu_steps_and_runs_nothing(tmp_path):
+    done = run_suite(tmp_path / "out", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    steps = [line.split(":", 1)[0] for line in done.stdout.splitlines()]
+    assert steps == ["attention-check", "ce-check", "attention", "attention-gqa", "ce-bf16", "ce-fp32", "train-125m",
+                     "train-1.3b", "report"]
+    assert "--check bf16" in done.stdout and "--dtype fp32" in done.stdout and "gpu-1.3b" in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path):
+    out = tmp_path / "out"
+    done = run_suite(out, "--smoke")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == ["attention-check", "ce", "train"] and all(s["rc"] == 0 for s in steps)
+    check = json.loads((out / "attention-check" / "check_fp16.json").read_text())["rows"]
+    assert {r["provider"] for r in check} == {"triton", "triton-fused-bwd"} and all(r["ok"] for r in check)
+    train = json.loads((out / "train" / "train.json").read_text())["rows"]
+    assert {r["layout"] for r in train} == {"unpacked", "packed"} and all(r["tokens_per_s"] > 0 for r in train)
+    summary = (out / "summary.md").read_text()
+    for needle in ("- device: cpu", "- commit: ", "- command: bash benchmarks/gpu_suite.sh", "## train/train.json"):
+        assert needle in summary, needle
