@@ -2,6 +2,11 @@
 
     python -m benchmarks.mixer                       # tiny rows (192 + 64) and FLAN rows (1024 + 256)
     python -m benchmarks.mixer --examples 20000 --pools 16,64
+    python -m benchmarks.mixer --scale flan          # FLAN's full row counts, generated in a temp folder
+
+--scale flan (benchmarks/mixer_flan.py) writes a mixture with FLAN's train row counts (about 85M rows, several
+GB, in a temporary folder that is removed afterwards), streams it through the same TuningStream with the 30k
+cap and FLAN's budgets, and reports examples/s per core and the peak resident memory of the process.
 
 For each row budget and packer pool size it streams packed batches from the training mixture of
 configs/tiny.toml (NLI held out) with the cached tokenizer, and reports examples per second (wall
@@ -80,8 +85,15 @@ def main(argv=None):
     ap.add_argument("--examples", type=int, default=20000, help="examples streamed per case")
     ap.add_argument("--pools", default="8,16,32,64,128", help="comma list of packer pool sizes")
     ap.add_argument("--out", default=None, help="output folder (default runs/bench/mixer)")
+    ap.add_argument("--scale", choices=("samples", "flan"), default="samples",
+                    help="samples: the shared data; flan: a generated mixture with FLAN's row counts")
+    ap.add_argument("--cap", type=int, default=30000, help="--scale flan: the mixing cap (FLAN's mixture: 30k)")
+    ap.add_argument("--tokenizer", default="", help="a SentencePiece .model (default: the config's)")
     args = ap.parse_args(argv)
-    tokenizer = load_tokenizer(load_config(args.config))
+    if args.scale == "flan":
+        from benchmarks.mixer_flan import run_flan_scale
+        return run_flan_scale(args)
+    tokenizer = load_tokenizer(load_config(args.config, [f"--data.tokenizer={args.tokenizer}"] if args.tokenizer else []))
     rows = [stream_case(args.config, budget, int(p), args.examples, tokenizer)
             for budget in BUDGETS for p in args.pools.split(",")]
     print_table(rows, ["budget", "row_len", "pool", "examples", "ex_per_s_wall", "ex_per_s_cpu", "efficiency"],

@@ -82,10 +82,10 @@ def test_prepare_offline_then_render_mix_and_score(hub, tmp_path):
         if requests[0].options is not None:   # an oracle: the gold option scores highest
             results = [RankResult(tuple(0.0 if j == r.gold else -5.0 for j in range(len(r.options))),
                                   (1,) * len(r.options), (1,) * len(r.options)) for r in requests]
-            assert request_metrics(spec, requests, results)["acc"].value == 100.0
+            assert request_metrics(spec, requests, results)[0]["acc"].value == 100.0
         else:
             results = [GenResult(r.target, ()) for r in requests]
-            assert request_metrics(spec, requests, results)["exact_match"].value == 100.0
+            assert request_metrics(spec, requests, results)[0]["exact_match"].value == 100.0
 
 
 def test_rerun_is_a_no_op_and_changed_input_is_redone(hub, tmp_path):
