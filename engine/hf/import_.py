@@ -139,7 +139,8 @@ def stream_weights(sources: dict[str, tuple[Path, int, dict]], run_dir: Path, cf
         save_file(rng_tensors, str(rng_file))
         files = dict(sizes.get(r, {}), **{rng_file.name: rng_file.stat().st_size})
         fragments.append({"rank": r, "coords": list(coordinates(r, dp, pp, tp)), "files": files,
-                          "tensors": tensors[r], "bound": {}, "scalars": {}, "rng": rng_json})
+                          "tensors": tensors[r], "bound": {}, "scalars": {}, "rng": rng_json,
+                          "rng_crc32": {key: crc(t) for key, t in rng_tensors.items()}})
     commit(tmp, final, fragments, dict(meta, step=0, world_size=world, layout=dict(layout), optimizer_kind=None),
            keep=1)
     return final

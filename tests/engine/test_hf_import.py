@@ -181,14 +181,14 @@ def test_linear_rope_scaling_matches_transformers(tmp_path, folders):
 
 def test_inputs_start_with_bos_where_the_model_adds_it(folders, tmp_path):
     from flan.packing import encode_pair, input_window
-    from flan.scorer import _prompt_ids
+    from flan.scorer import prompt_ids
 
     assert input_window(list(range(10, 20)), 4, 1, add_bos=True) == [1, 17, 18, 19]  # BOS kept when truncating
     assert input_window([], 4, 1, add_bos=True) == [1] and input_window([5], 1, 1, add_bos=True) == [1]
     step = import_hf(folders["llama3"], tmp_path / "run")
     tok = Tokenizer.load(load_meta(step)["config"]["data"]["tokenizer"])
     auto = transformers.AutoTokenizer.from_pretrained(folders["llama3"])
-    assert _prompt_ids(tok, ["Is it true?"], 64) == [auto.encode("Is it true?")]
+    assert prompt_ids(tok, ["Is it true?"], 64)[0] == [auto.encode("Is it true?")]
     assert encode_pair(tok, "Is it true?", "yes", input_len=64, target_len=8).tokens[0] == tok.bos_id
 
 

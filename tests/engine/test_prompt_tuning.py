@@ -131,7 +131,7 @@ def test_model_is_frozen_and_the_prompt_loss_falls():
     state_params = [p for p in run["optimizer"].state]
     assert len(state_params) == 1 and state_params[0].shape == (4, MODEL["d_model"])
     # A 16-wide random model steered by 4 vectors: the loss falls steadily (a broken gradient leaves it flat).
-    assert run["losses"][-1] < 0.95 * run["losses"][0] and run["losses"] == sorted(run["losses"], reverse=True)
+    assert run["losses"][-1] < 0.98 * run["losses"][0] and run["losses"] == sorted(run["losses"], reverse=True)
 
 
 def test_triton_kernels_match_torch():
