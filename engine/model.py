@@ -31,11 +31,21 @@ class RMSNorm(nn.Module):
         # Normalise in fp32: under bf16 autocast the mean of squares loses too many bits.
         xf = x.float()
         out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-        if torch.is_autocast_enabled(x.device.type):
+        low = autocast_dtype(x)
+        if low is not None:
             # Cast once here rather than in each linear it feeds (q, k, v; gate, up): one low-precision copy is
             # kept for backward instead of three, and sequence parallelism gathers half the bytes.
-            out = out.to(torch.get_autocast_dtype(x.device.type))
+            out = out.to(low)
         return out
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on x's device, None when it is off. A meta tensor has no autocast (the
+    query raises for it), so a model built on the meta device runs as if autocast were off."""
+    dev = x.device.type
+    if dev == "meta" or not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
 
 
 def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
@@ -214,8 +224,7 @@ class OutputHead(nn.Module):
             from kernels.cross_entropy import linear_cross_entropy
 
             # The kernel takes one dtype: under autocast, the autocast dtype (fp32 master weights are cast).
-            dev = h.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+            dtype = autocast_dtype(h) or h.dtype
             return linear_cross_entropy(h.to(dtype), self.weight.to(dtype), labels, reduction=reduction)
         logits = self(h)
         if impl == "triton":

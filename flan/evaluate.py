@@ -62,7 +62,7 @@ def include_tasks(registry: Registry, folder: Path) -> Registry:
     for path in sorted(tasks_dir.glob("*.toml")):
         if path.name.startswith("_"):
             continue
-        spec = parse_task(path)
+        spec = parse_task(path, require_source=False)
         if spec.name in tasks:
             raise EvalError(f"--include {path}: dataset {spec.name!r} is already defined by {tasks[spec.name].source}; "
                             "rename it")

@@ -87,7 +87,7 @@ def resolve_config(config: str | None, scale: str) -> str:
 
 def cmd_run(args) -> int:
     from engine.paths import shared_data_dir
-    from flan.experiment_report import collect, write_summary
+    from flan.experiment_report import collect, differences, write_summary
     from flan.experiments import Context, expand, load_experiment, with_settings
 
     if args.overrides:
@@ -106,7 +106,8 @@ def cmd_run(args) -> int:
     records, code = run_steps(steps)
     command = shlex.join(["flan", "experiment", "run", args.name, config, "--scale", args.scale, "--out", str(out),
                           *(f"--set={item}" for item in args.set or [])])
-    paths = write_summary(exp, out / exp["name"], collect(steps), records, command,
+    paths = write_summary(exp, out / exp["name"], collect(steps), differences(steps), records,
+                          command,
                           {"scale": args.scale, "config": config, "wall_s": time.perf_counter() - started,
                            "finished": code == 0})
     print(paths["markdown"].read_text())

@@ -167,8 +167,9 @@ def _require_field(path: Path, fields: dict[str, FieldSpec], name, where: str, t
         _fail(path, f"{where} = {name!r} has type {fields[name].type}; expected {' or '.join(types)}")
 
 
-def parse_task(path: Path) -> TaskSpec:
-    """One task file to a TaskSpec; every problem names the file and the key."""
+def parse_task(path: Path, *, require_source: bool = True) -> TaskSpec:
+    """One task file to a TaskSpec; every problem names the file and the key. The package's task files must say
+    where their public data lives ([source]); a user's included task over its own files may leave it out."""
     d = _read_toml(path)
     known = {"name", "cluster", "paper_dataset", "kind", "metric", "data", "notes", "fields", "labels",
              "choices", "derived", "source"}
@@ -227,7 +228,8 @@ def parse_task(path: Path) -> TaskSpec:
         _fail(path, "`data` (the folder name under the data directory) is missing; derived tasks use [derived]")
     label_field = labels.field if labels else choices.label_field if choices else None
     try:
-        origin = parse_source(path, d.get("source"), fields, d["kind"], label_field)
+        origin = None if d.get("source") is None and not require_source else \
+            parse_source(path, d.get("source"), fields, d["kind"], label_field)
     except SourceError as e:
         raise RegistryError(str(e)) from None
     return TaskSpec(name=d["name"], cluster=d["cluster"], paper_dataset=d["paper_dataset"], kind=d["kind"],

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from engine.errors import USAGE
 from engine.hf.config import HFError
 
 TRUST = ("auto", "model", "json")
@@ -114,7 +115,8 @@ def bring_tokenizer(folder: Path, trust: str = "auto"):
             if use_sp and json_file.is_file():
                 raise HFError(f"{folder}: tokenizer.model and tokenizer.json disagree on {text!r} (SentencePiece "
                               f"ids {a}, transformers' {b}); pass --trust-tokenizer=json to tokenize as "
-                              "transformers and lm-eval do, or --trust-tokenizer=model for SentencePiece's ids")
+                              "transformers and lm-eval do, or --trust-tokenizer=model for SentencePiece's ids",
+                              exit_code=USAGE)  # the command needs a choice only the user can make
             raise HFError(f"{folder}: our tokenizer ({ours.kind}) gives ids {a} on {text!r} but transformers' "
                           f"AutoTokenizer gives {b}; this tokenizer cannot be imported faithfully")
         yield staged

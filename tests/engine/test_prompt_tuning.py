@@ -215,7 +215,7 @@ def test_commands_prompt_tune_then_eval_with_a_zero_length_prompt_equal_plain_ev
         out = tmp_path / f"eval{len(flags)}"
         assert main(["eval", "configs/tiny.toml", "--checkpoint", str(tmp_path / "run"), "--base", "none",
                      "--datasets", "rte", "--templates", "0", "--limit", "6", "--out", str(out), *flags]) == 0
-        return [(r["metric"], r["split"], r["value"]) for r in json.loads((out / "scores.json").read_text())]
+        return [(r["metric"], r["split"], r["value"]) for r in json.loads((out / "scores.json").read_text())["rows"]]
 
     assert scores("--prompt", str(tmp_path / "empty.safetensors")) == scores()
 

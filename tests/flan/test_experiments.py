@@ -121,6 +121,9 @@ def test_few_shot_runs_end_to_end_at_smoke_scale_and_reuses_its_steps(tmp_path, 
     assert [s["name"] for s in summary["steps"]] == ["base", "tune-nli", "eval-k0", "eval-k4"]
     assert {(r["x"], r["group"]) for r in summary["rows"]} == {
         (m, k) for m in ("FLAN (tuned)", "base") for k in ("zero-shot", "4-shot")}
+    # Each step scored tuned and base: one paired difference each, with its verdict.
+    assert [(d["step"], d["scored"]) for d in summary["differences"]] == [("eval-k0", "nli"), ("eval-k4", "nli")]
+    assert all(isinstance(d["within_noise"], bool) for d in summary["differences"])
     assert (tmp_path / "few_shot" / "summary.png").is_file()
     assert "| FLAN (tuned) |" in (tmp_path / "few_shot" / "summary.md").read_text()
     assert main([*argv, "--dry-run"]) == 0

@@ -50,8 +50,7 @@ def test_fake_implementations_agree_with_the_kernels(index):
 
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
 def test_meta_model_runs_forward_and_backward(packed):
-    """No memory, no kernel: every op dispatches to its fake on the meta device. (loss="fused" is traced
-    with fake CPU tensors below: the model's autocast query does not accept the meta device.)"""
+    """No memory, no kernel: every op dispatches to its fake on the meta device."""
     with torch.device("meta"):
         model = Transformer(TINY)
     tokens = torch.zeros(2, 16, dtype=torch.long, device="meta")
