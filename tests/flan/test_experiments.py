@@ -1,6 +1,6 @@
 """Experiments: every definition's expansion checked against it (what trains, what is scored, no evaluation
-dataset and no dataset FLAN excludes with it in training), the instruction-format variants, and one experiment
-(few_shot) end to end at --scale smoke, then re-run reusing every step."""
+dataset and no dataset FLAN excludes with it in training), the instruction-format variants, every experiment end
+to end at --scale smoke (few_shot also re-run, reusing every step)."""
 from __future__ import annotations
 
 import json
@@ -165,3 +165,24 @@ def test_step_states_continue_interrupted_training_and_refuse_another_command(tm
     (base.folder / STEP_FILE).write_text(json.dumps({"argv": ["pretrain", "other.toml"]}))
     with pytest.raises(ConfigError, match="choose another --out"):
         step_state(base)
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory):
+    return tmp_path_factory.mktemp("experiments")  # shared: the experiments reuse the base model and tuning runs
+
+
+@pytest.mark.parametrize("name", ["heldout_clusters", "num_clusters", "scale", "templates", "instructions",
+                                  "prompt_tuning"])
+def test_each_experiment_runs_end_to_end_at_smoke_scale(name, smoke_out, shared_data):
+    """Every step finishes, every eval step contributes a summary row, and the figure is drawn."""
+    from flan.cli import main
+
+    assert main(["experiment", "run", name, "--scale", "smoke", "--out", str(smoke_out)]) == 0
+    summary = json.loads((smoke_out / name / "summary.json").read_text())
+    assert summary["finished"]
+    evals = {s["name"] for s in summary["steps"] if s["kind"] == "eval"}
+    assert evals and {r["step"] for r in summary["rows"] if r["step"] != "mean"} == evals  # "mean": the average curve
+    assert all(r["n"] > 0 and 0.0 <= r["value"] <= 100.0 for r in summary["rows"])
+    assert {d["step"] for d in summary["differences"]} <= evals
+    assert (smoke_out / name / "summary.png").stat().st_size > 0
