@@ -1,12 +1,15 @@
-"""Memory per rank: the dry run of flan-137b at the planner's best layouts, and a real tp=4 CPU run's peak RSS.
+"""Memory per rank: the dry run of flan-137b at its preset layout and at the planner's best layouts, a real
+build of one flan-137b shard, and a real tp=4 CPU run's peak RSS.
 
-    python -m benchmarks.memory                        # every pipeline stage of the 64 / 256 / 1024-GPU layouts
-    python -m benchmarks.memory --stages ends          # first, middle and last stage only (minutes, not an hour)
-    python -m benchmarks.memory --skip-dry             # only the CPU measurement
+    python -m benchmarks.memory                        # every pipeline stage of the preset and 64/256/1024-GPU layouts
+    python -m benchmarks.memory --stages ends          # first, middle and last stage only
+    python -m benchmarks.memory --skip-dry --skip-build   # only the CPU measurement
 
-Dry run (engine/memory.py, the code of `flan memory`): for each GPU count, the fastest fitting layout of `flan
-plan` is applied to configs/flan-137b.toml and one training step of tp rank 0 of each chosen stage runs on fake
-tensors; its peak and categories stand beside the planner's figure for that stage.
+Dry run (engine/memory.py, the code of `flan memory`): configs/flan-137b.toml as written, then for each GPU count
+the fastest fitting layout of `flan plan` applied to it; one training step of tp rank 0 of each chosen stage runs
+on fake tensors, and its peak and categories stand beside the planner's figure for that stage.
+Shard build: rank 0 of the preset's world built for real on the CPU (a fake process group stands in for the
+other ranks): the seconds to materialise and initialise its shards and the process's peak RSS beside them.
 CPU measurement: one training step (Adafactor, one row of 64 tokens, so the weights dominate) of a ~0.5B-
 parameter model, in one process and as tp=4 on real gloo processes; the peak resident memory (VmHWM) of each
 process, and of a process that only imports torch and the engine (the fixed cost every rank pays).
@@ -47,27 +50,55 @@ def layout_config(cfg, layout):
 
 def dry_rows(gpu_counts: list[int], stages: str) -> list[dict]:
     from engine.config import load_config
-    from engine.memory import dry_run
+    from engine.memory import dry_run, world_size
     from engine.memory_cli import report_dict
     from engine.planner import enumerate_plans
 
     base = load_config("configs/flan-137b.toml")
-    rows = []
+    p = base.parallel
+    layouts = [("preset", world_size(base), base,
+                f"preset dp{p.dp} pp{p.pp} tp{p.tp} {p.schedule}x{p.virtual_stages} m{p.microbatches} {p.recompute}")]
     for gpus in gpu_counts:
         best = next(p for p in enumerate_plans(base, gpus) if p.fits).layout
-        cfg = layout_config(base, best)
-        pp = best.pp
+        layouts.append((str(gpus), gpus, layout_config(base, best), f"{best.label()} {best.schedule}x"
+                        f"{best.virtual_stages} m{best.microbatches} {best.recompute}"))
+    rows = []
+    for name, gpus, cfg, label in layouts:
+        pp, tp = cfg.parallel.pp, cfg.parallel.tp
         chosen = range(pp) if stages == "all" else sorted({0, pp // 2, pp - 1})
         for stage in chosen:
-            d = report_dict(cfg, dry_run(cfg, stage * best.tp))
-            rows.append({"gpus": gpus, "layout": f"{best.label()} {best.schedule}x{best.virtual_stages} "
-                         f"m{best.microbatches} {best.recompute}", "pp_rank": stage,
+            d = report_dict(cfg, dry_run(cfg, stage * tp))
+            rows.append({"gpus": gpus, "layout": label, "pp_rank": stage,
                          "peak_gib": d["peak_bytes"] / GiB, "planned_gib": d["planned_bytes"] / GiB,
                          "plan/peak": d["planned_bytes"] / d["peak_bytes"], "build_s": d["seconds"]["build"],
                          "step_s": d["seconds"]["step"],
                          **{f"{k}_gib": v / GiB for k, v in d["categories"].items()}})
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+# ---- one real flan-137b shard -------------------------------------------------------------------------------
+def shard_build(rank: int) -> dict:
+    """Rank `rank` of flan-137b's preset world built for real on the CPU (fp32 shards, seeded init)."""
+    from engine.build import build_layout
+    from engine.config import load_config
+    from engine.memory import fake_world, gpu_config, world_size
+    from engine.parallel import init_mesh
+
+    cfg = gpu_config(load_config("configs/flan-137b.toml"))
+    with fake_world(rank, world_size(cfg)):
+        mesh = init_mesh(cfg)
+        started = time.perf_counter()
+        layout = build_layout(cfg, mesh)
+        build_s = time.perf_counter() - started
+        numel = sum(p.numel() for p in layout.parameters())
+    return {"run": f"flan-137b rank {rank} shard build", "build_s": build_s, "params": numel,
+            "shard_gib": numel * 4 / GiB, "peak_gib": high_water_mark() / GiB}
+
+
+def build_rows(rank: int) -> list[dict]:
+    return [in_subprocess(f"import json; from benchmarks.memory import shard_build; "
+                          f"print(json.dumps(shard_build({rank})))")]
 
 
 # ---- the CPU measurement ------------------------------------------------------------------------------------
@@ -123,6 +154,7 @@ def main() -> None:
     parser.add_argument("--stages", choices=["all", "ends"], default="all")
     parser.add_argument("--skip-dry", action="store_true")
     parser.add_argument("--skip-cpu", action="store_true")
+    parser.add_argument("--skip-build", action="store_true")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "memory"))
     args = parser.parse_args()
     out = Path(args.out)
@@ -132,6 +164,10 @@ def main() -> None:
         cpu = cpu_rows()
         rows += [{"part": "cpu", **r} for r in cpu]
         tables.append(format_table(cpu, columns=["run", "peak_gib", "params", "build_s", "met", "ratio"]))
+    if not args.skip_build:
+        build = build_rows(0)
+        rows += [{"part": "shard_build", **r} for r in build]
+        tables.append(format_table(build, columns=["run", "params", "shard_gib", "peak_gib", "build_s"]))
     if not args.skip_dry:
         dry = dry_rows(args.gpus, args.stages)
         rows += [{"part": "dry_run", **r} for r in dry]

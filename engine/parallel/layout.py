@@ -159,14 +159,15 @@ class Layout:
         size = count // accum
         loss = torch.zeros((), device=self.mesh.device)
         for start in range(0, count, size):
-            arm = None
-            if self.sync is not None and start + size == count:  # gradients are final in the last round
-                def arm(chunk: int) -> None:
-                    self.sync.arm(self.parts[chunk].parameters())
+            # Gradients are final in the last round: only its last backward arms the data-parallel reduction.
+            arm = self._arm_sync if self.sync is not None and start + size == count else None
             microbatches = split_microbatches(rows.slice_rows(start, start + size), self.cfg.parallel.microbatches)
             loss += run_schedule(self.pipeline, microbatches, loss_scale=1 / max(total_targets, 1),
                                  autocast=self.autocast, before_last_backward=arm)
         return loss
+
+    def _arm_sync(self, chunk: int) -> None:
+        self.sync.arm(self.parts[chunk].parameters())
 
     def finish_gradients(self) -> None:
         """After the step's last backward: finish the data-parallel bucket reductions, sum the partial gradients
