@@ -57,7 +57,7 @@ def dry_rows(gpu_counts: list[int], stages: str) -> list[dict]:
     base = load_config("configs/flan-137b.toml")
     p = base.parallel
     layouts = [("preset", world_size(base), base,
-                f"preset dp{p.dp} pp{p.pp} tp{p.tp} {p.schedule}x{p.virtual_stages} m{p.microbatches} {p.recompute}")]
+                f"preset dp{max(p.dp, 1)} pp{p.pp} tp{p.tp} {p.schedule}x{p.virtual_stages} m{p.microbatches} {p.recompute}")]
     for gpus in gpu_counts:
         best = next(p for p in enumerate_plans(base, gpus) if p.fits).layout
         layouts.append((str(gpus), gpus, layout_config(base, best), f"{best.label()} {best.schedule}x"
