@@ -17,9 +17,9 @@ CONFIG="${FLAN_CONFIG:-configs/tiny.toml}"
 RUNS="${FLAN_RUNS:-runs}"
 set -x
 python -m flan tokenizer train "$CONFIG" "$@"
-python -m flan pretrain "$CONFIG" --train.run_dir="$RUNS/tiny" --train.resume=true "$@"
+python -m flan pretrain "$CONFIG" --train.run_dir="$RUNS/tiny" --train.resume=auto "$@"
 # Tuning: fewer steps at a constant rate after a short warm-up (FLAN tuned at a constant rate too).
-python -m flan tune "$CONFIG" --train.run_dir="$RUNS/tiny-flan" --train.init_from="$RUNS/tiny" --train.resume=true \
+python -m flan tune "$CONFIG" --train.run_dir="$RUNS/tiny-flan" --train.init_from="$RUNS/tiny" --train.resume=auto \
     --train.steps=150 --optim.schedule=constant --optim.lr=1e-3 --optim.warmup_steps=10 "$@"
 python -m flan eval "$CONFIG" --checkpoint "$RUNS/tiny-flan" --templates 0,1,2 --limit "${FLAN_EVAL_ROWS:-500}" "$@"
 cat "$RUNS/tiny-flan/eval/scores.md"
