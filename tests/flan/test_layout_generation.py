@@ -1,8 +1,8 @@
-"""Greedy generation on a pipeline (and tensor) layout with each rank's KV caches gives exactly the single-device
-generations on the same weights and prompts (rows of different lengths, one ending early at EOS), under gloo
-for pp=2 with interleaved chunks and pp=2 x tp=2 with sequence parallelism; and the caches are used: after the
-prompt, every block on every rank sees one position per row and step (counted with forward hooks), as many
-steps as on one device."""
+"""Greedy generation on a pipeline and / or tensor layout with each rank's KV caches gives exactly the
+single-device generations on the same weights and prompts (rows of different lengths, one ending early at EOS),
+under gloo for pp=2 with interleaved chunks, tp=2 and pp=2 x tp=2, both with sequence parallelism; and the
+caches are used: after the prompt, every block on every rank sees one position per row and step (counted with
+forward hooks), as many steps as on one device."""
 from __future__ import annotations
 
 import pytest
@@ -55,8 +55,9 @@ def generation_worker(parallel: dict) -> list[str]:
 
 @pytest.mark.parametrize("parallel,world", [
     (dict(pp=2, virtual_stages=2, schedule="interleaved", microbatches=2), 2),
+    (dict(tp=2, sp=True), 2),
     (dict(pp=2, tp=2, sp=True, microbatches=2), 4),
-], ids=["pp2-interleaved", "pp2-tp2-sp"])
+], ids=["pp2-interleaved", "tp2-sp", "pp2-tp2-sp"])
 def test_cached_generation_on_a_layout_equals_one_device(parallel, world):
     failures = [f for rank in launch(generation_worker, world, parallel, timeout=120) for f in rank]
     assert not failures, "\n".join(failures)
