@@ -35,8 +35,9 @@ from engine.batch import Batch
 from engine.model import KVCache
 from engine.parallel import comm
 from engine.parallel.pipeline import run_forward, split_microbatches
-from flan.scorer import (EvalRequest, GenResult, RankResult, gen_result, greedy_generate, greedy_tokens,
-                         left_padded, option_token_ids, option_logprobs, prompt_ids, rank_result, score_requests)
+from flan.scorer import (EvalRequest, GenResult, RankResult, decoding_rows, gen_result, greedy_generate,
+                         greedy_tokens, left_padded, next_ids, option_token_ids, option_logprobs, prompt_ids,
+                         rank_result, score_requests)
 
 GEN_PAD = -1  # an empty slot of a generated-ids row in the dp sum (token ids are >= 0)
 
@@ -96,11 +97,6 @@ def layout_option_logprobs(layout, contexts, options, pad_id: int) -> list[list[
     return out
 
 
-def _next_ids(chunk, batch: Batch, hidden: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-    """The greedy next id (rows,) after each row of `batch`, extending `cache` (a last-stage `finish`)."""
-    return chunk.output(chunk(batch, hidden=hidden, cache=cache, return_hidden=True)[:, -1]).argmax(-1)
-
-
 @torch.no_grad()
 def layout_greedy_generate(layout, prompts, *, eos_id: int, pad_id: int, max_new_tokens: int,
                            stop_at=None) -> list[list[int]]:
@@ -111,21 +107,16 @@ def layout_greedy_generate(layout, prompts, *, eos_id: int, pad_id: int, max_new
     count = 1 if pipeline is None else layout.forward_microbatches(len(prompts))
 
     def step(ids: torch.Tensor | None) -> torch.Tensor:
-        batch = left_padded(prompts if ids is None else [[t] for t in ids.tolist()], pad_id, device, multiple)
+        batch = left_padded(decoding_rows(prompts, ids), pad_id, device, multiple)
         if pipeline is None:
             with layout.autocast():
-                return _next_ids(layout.model, batch, None, caches.setdefault((0, 0), KVCache()))
-        outs = run_forward(pipeline, split_microbatches(batch, count), _next_ids, autocast=layout.autocast,
+                return next_ids(layout.model, batch, None, caches.setdefault((0, 0), KVCache()))
+        outs = run_forward(pipeline, split_microbatches(batch, count), next_ids, autocast=layout.autocast,
                            caches=caches)
         nxt = torch.cat(outs) if outs is not None else torch.empty(len(prompts), dtype=torch.long, device=device)
         return comm.broadcast(nxt, layout.mesh.pp_group, src=layout.mesh.pp - 1)
 
     return greedy_tokens(step, len(prompts), eos_id=eos_id, max_new_tokens=max_new_tokens, stop_at=stop_at)
-
-
-def _replica_model(layout):
-    """What the scorer's paths run on: the whole model, or (model parallelism) the layout itself."""
-    return layout if _model_parallel(layout) else layout.model
 
 
 def _gather(layout, tokenizer, requests, mine: list[int], local: list, *, input_len: int, stops) -> list:

@@ -213,20 +213,26 @@ def greedy_tokens(step, rows: int, *, eos_id: int, max_new_tokens: int, stop_at=
     return generated
 
 
+def next_ids(model, batch: Batch, hidden: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """The greedy next id (rows,) after each row of `batch`, extending `cache`; the vocabulary projection at the
+    last position only. Also a pipeline's last-stage `finish` (flan/layout_scorer.py)."""
+    return model.output(model(batch, hidden=hidden, cache=cache, return_hidden=True)[:, -1]).argmax(-1)
+
+
+def decoding_rows(prompts: Sequence[Sequence[int]], ids: torch.Tensor | None) -> Sequence[Sequence[int]]:
+    """What a greedy step feeds (left-padded): the prompts first, then each row's last id."""
+    return prompts if ids is None else [[t] for t in ids.tolist()]
+
+
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
                     stop_at=None) -> list[list[int]]:
     """Greedy continuation of each prompt (one batch) until EOS, `max_new_tokens`, or stop_at(ids) is true: the
     prompts once into a KVCache, then one position per row and step."""
-    device = _device(model)
-    cache = KVCache()
-    ones = torch.ones(len(prompts), 1, dtype=torch.int32, device=device)
+    device, cache = _device(model), KVCache()
 
     def step(ids: torch.Tensor | None) -> torch.Tensor:
-        if ids is None:
-            h = model(left_padded(prompts, pad_id, device), cache=cache, return_hidden=True)
-            return model.output(h[:, -1]).argmax(-1)
-        return model(Batch(tokens=ids[:, None], segment_ids=ones), cache=cache)[:, -1].argmax(-1)
+        return next_ids(model, left_padded(decoding_rows(prompts, ids), pad_id, device), None, cache)
 
     return greedy_tokens(step, len(prompts), eos_id=eos_id, max_new_tokens=max_new_tokens, stop_at=stop_at)
 
