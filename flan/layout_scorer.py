@@ -8,14 +8,22 @@ its own and the results come back in request order by one sum over dp: every slo
 by the one replica that scored it and is zero on the others (tensors only, nothing pickled).
 
 Within a replica, without tensor or pipeline parallelism the model is whole and runs flan/scorer.py's
-KV-cache paths. With them, no rank holds what the cached path needs (a tp rank's head gives a slice of the
-vocabulary; a pp stage holds some layers), so scoring goes through Layout.logits_at, whose logits are
-gathered over tp and broadcast from the last stage: each option is one row, the prompt's ids and the
-option's ids but the last, and the logits at the option's positions score its tokens; greedy generation
-recomputes each row's prompt and text so far at every step. Rows are right-padded: causal attention keeps
-the padding after a real token out of its view and positions start at 0 as in the cached path, so the
-padding changes no score. Every rank of a replica makes the same calls with the same rows (the collectives
-inside logits_at need it); under sequence parallelism the row width is padded to a multiple of tp.
+KV-cache paths. With them, option scoring goes through Layout.logits_at, whose logits are gathered over tp
+and broadcast from the last stage: each option is one row, the prompt's ids and the option's ids but the
+last, and the logits at the option's positions score its tokens (the prompt is recomputed per option). Rows
+are right-padded: causal attention keeps the padding after a real token out of its view and positions start
+at 0 as in the cached path, so the padding changes no score.
+
+Greedy generation keeps KV caches where the layers are: every tp rank its heads' keys and values, every
+pipeline chunk those of its own layers, one cache per (microbatch, chunk). The left-padded prompts run once
+through the stages (pipelined microbatches, engine/parallel/pipeline.py's run_forward with caches); then
+each step feeds one position per row: its hidden states go stage to stage, the last stage's logits (whole
+vocabulary, gathered over tp) give the next ids, broadcast over the pipeline so that every stage appends the
+same ones (flan/scorer.py's greedy_tokens runs the loop, as on one device).
+
+Every rank of a replica makes the same calls with the same rows (the collectives inside need it); under
+sequence parallelism a row's width, a decoding step's too, is padded to a multiple of tp (left padding
+with segment 0 in the cached path, which no later position attends to).
 """
 from __future__ import annotations
 
@@ -24,9 +32,12 @@ from typing import Sequence
 import torch
 
 from engine.batch import Batch
+from engine.model import KVCache
 from engine.parallel import comm
-from flan.scorer import (EvalRequest, GenResult, RankResult, gen_result, greedy_generate, option_token_ids,
-                         option_logprobs, prompt_ids, rank_result, score_requests)
+from engine.parallel.pipeline import run_forward, split_microbatches
+from flan.scorer import (EvalRequest, GenResult, RankResult, decoding_rows, gen_result, greedy_generate,
+                         greedy_tokens, left_padded, next_ids, option_token_ids, option_logprobs, prompt_ids,
+                         rank_result, score_requests)
 
 GEN_PAD = -1  # an empty slot of a generated-ids row in the dp sum (token ids are >= 0)
 
@@ -46,8 +57,13 @@ def _model_parallel(layout) -> bool:
     return layout.mesh.tp > 1 or layout.mesh.pp > 1
 
 
+def _sequence_multiple(layout) -> int:
+    """What a row's width must divide by: tp under sequence parallelism, else 1."""
+    return layout.mesh.tp if layout.cfg.parallel.sp and layout.mesh.tp > 1 else 1
+
+
 def _width(layout, longest: int) -> int:
-    multiple = layout.mesh.tp if layout.cfg.parallel.sp and layout.mesh.tp > 1 else 1
+    multiple = _sequence_multiple(layout)
     return -(-longest // multiple) * multiple
 
 
@@ -81,30 +97,26 @@ def layout_option_logprobs(layout, contexts, options, pad_id: int) -> list[list[
     return out
 
 
+@torch.no_grad()
 def layout_greedy_generate(layout, prompts, *, eos_id: int, pad_id: int, max_new_tokens: int,
                            stop_at=None) -> list[list[int]]:
-    """flan.scorer.greedy_generate through Layout.logits_at, recomputing every row at every step."""
-    generated: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(max_new_tokens):
-        live = [b for b in range(len(prompts)) if not done[b]]
-        if not live:
-            break
-        rows = [list(prompts[b]) + generated[b] for b in live]
-        logits = layout.logits_at(_right_padded(layout, rows, pad_id), torch.arange(len(rows)),
-                                  torch.tensor([len(r) - 1 for r in rows]))
-        for b, t in zip(live, logits.argmax(-1).tolist()):
-            if t == eos_id:
-                done[b] = True
-                continue
-            generated[b].append(t)
-            done[b] = stop_at is not None and stop_at(generated[b])
-    return generated
+    """flan.scorer.greedy_generate on a tp and / or pp layout, each rank caching its own heads and layers; the
+    same ids on every rank of the replica."""
+    device, multiple, pipeline = layout.mesh.device, _sequence_multiple(layout), layout.pipeline
+    caches: dict[tuple[int, int], KVCache] = {}  # (microbatch, chunk) -> that chunk's cache of those rows
+    count = 1 if pipeline is None else layout.forward_microbatches(len(prompts))
 
+    def step(ids: torch.Tensor | None) -> torch.Tensor:
+        batch = left_padded(decoding_rows(prompts, ids), pad_id, device, multiple)
+        if pipeline is None:
+            with layout.autocast():
+                return next_ids(layout.model, batch, None, caches.setdefault((0, 0), KVCache()))
+        outs = run_forward(pipeline, split_microbatches(batch, count), next_ids, autocast=layout.autocast,
+                           caches=caches)
+        nxt = torch.cat(outs) if outs is not None else torch.empty(len(prompts), dtype=torch.long, device=device)
+        return comm.broadcast(nxt, layout.mesh.pp_group, src=layout.mesh.pp - 1)
 
-def _replica_model(layout):
-    """What the scorer's paths run on: the whole model, or (model parallelism) the layout itself."""
-    return layout if _model_parallel(layout) else layout.model
+    return greedy_tokens(step, len(prompts), eos_id=eos_id, max_new_tokens=max_new_tokens, stop_at=stop_at)
 
 
 def _gather(layout, tokenizer, requests, mine: list[int], local: list, *, input_len: int, stops) -> list:

@@ -82,9 +82,10 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> Batch:
-    """Rows right-aligned in one (B, max len) batch; padding has segment id 0 (KVCache's convention)."""
-    width = max(len(r) for r in rows)
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int, device, multiple: int = 1) -> Batch:
+    """Rows right-aligned in one (B, max len) batch, the width rounded up to `multiple` (sequence parallelism
+    splits it over tp); padding has segment id 0 (KVCache's convention)."""
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
     segments = torch.zeros(len(rows), width, dtype=torch.int32)
     for i, r in enumerate(rows):
@@ -190,20 +191,14 @@ def rank_classify(model, tokenizer, requests: Sequence[EvalRequest], *, batch_si
     return results
 
 
-@torch.no_grad()
-def greedy_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
-                    stop_at=None) -> list[list[int]]:
-    """Greedy continuation of each prompt (one batch) until EOS, `max_new_tokens`, or stop_at(ids) is true."""
-    device = _device(model)
-    cache = KVCache()
-    h = model(left_padded(prompts, pad_id, device), cache=cache, return_hidden=True)
-    logits = model.output(h[:, -1:])  # (B, 1, V)
-    B = len(prompts)
-    generated: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    ones = torch.ones(B, 1, dtype=torch.int32, device=device)
+def greedy_tokens(step, rows: int, *, eos_id: int, max_new_tokens: int, stop_at=None) -> list[list[int]]:
+    """The greedy loop, whatever runs the model: step(None) returns the next id (rows,) after each prompt,
+    step(ids) feeds those ids (one per row, every row, finished or not) and returns the next ones. A row ends at
+    EOS (not kept), after `max_new_tokens`, or when stop_at(its ids) is true; the loop ends with the last row."""
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    nxt = step(None)
     for _ in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1)  # (B,)
         for b, t in enumerate(nxt.tolist()):
             if done[b]:
                 continue
@@ -214,8 +209,32 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad
             done[b] = stop_at is not None and stop_at(generated[b])
         if all(done):
             break
-        logits = model(Batch(tokens=nxt[:, None], segment_ids=ones), cache=cache)
+        nxt = step(nxt)
     return generated
+
+
+def next_ids(model, batch: Batch, hidden: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """The greedy next id (rows,) after each row of `batch`, extending `cache`; the vocabulary projection at the
+    last position only. Also a pipeline's last-stage `finish` (flan/layout_scorer.py)."""
+    return model.output(model(batch, hidden=hidden, cache=cache, return_hidden=True)[:, -1]).argmax(-1)
+
+
+def decoding_rows(prompts: Sequence[Sequence[int]], ids: torch.Tensor | None) -> Sequence[Sequence[int]]:
+    """What a greedy step feeds (left-padded): the prompts first, then each row's last id."""
+    return prompts if ids is None else [[t] for t in ids.tolist()]
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: Sequence[Sequence[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+                    stop_at=None) -> list[list[int]]:
+    """Greedy continuation of each prompt (one batch) until EOS, `max_new_tokens`, or stop_at(ids) is true: the
+    prompts once into a KVCache, then one position per row and step."""
+    device, cache = _device(model), KVCache()
+
+    def step(ids: torch.Tensor | None) -> torch.Tensor:
+        return next_ids(model, left_padded(decoding_rows(prompts, ids), pad_id, device), None, cache)
+
+    return greedy_tokens(step, len(prompts), eos_id=eos_id, max_new_tokens=max_new_tokens, stop_at=stop_at)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:

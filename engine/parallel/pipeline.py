@@ -3,6 +3,7 @@
     stages = split_stages(model, cfg, mesh)          # keep this rank's layers (chunks, when interleaved)
     loss = run_schedule(stages, microbatches, loss_scale=1 / total_targets, autocast=ctx)   # training
     outs = run_forward(stages, microbatches, finish, autocast=ctx)   # forward only, pipelined (evaluation)
+    outs = run_forward(stages, steps, finish, caches=caches)   # decoding: each chunk extends its KV caches
 
 Stages are made by deleting modules (the model's forward skips a missing embedding, norm or head), so layer
 names stay those of the single-device model. With v virtual stages a rank holds v non-contiguous chunks
@@ -30,7 +31,7 @@ import torch.nn as nn
 
 from engine.batch import Batch
 from engine.config import Config, ModelConfig
-from engine.model import Transformer
+from engine.model import KVCache, Transformer
 from engine.parallel import comm
 from engine.parallel.mesh import Mesh, group_ranks
 from engine.parallel.schedules import (Action, check_schedule, comm_batches, forward_only_actions, message_key,
@@ -89,9 +90,10 @@ def stage_layers(n_layers: int, pp: int, rank: int, virtual: int = 1, last_extra
 
 
 # ---- the stages of this rank ---------------------------------------------------------------------------
-Finish = Callable[[Transformer, Batch, torch.Tensor | None], torch.Tensor]
-"""What the last stage's chunk computes for one microbatch, from the hidden states it received: a scaled
-loss in training, the loss or the selected hidden states or logits in a forward-only pass."""
+Finish = Callable[..., torch.Tensor]
+"""finish(chunk, batch, hidden): what the last stage's chunk computes for one microbatch, from the hidden
+states it received: a scaled loss in training, the loss or the selected hidden states or logits in a
+forward-only pass; with KV caches (decoding) also `cache=` that microbatch's cache of the chunk."""
 
 
 @dataclass
@@ -216,13 +218,17 @@ def run_schedule(stages: PipelineStages, microbatches: list[Batch], *, loss_scal
     return loss
 
 
-def run_forward(stages: PipelineStages, microbatches: list[Batch], finish: Finish, autocast=contextlib.nullcontext
-                ) -> list[torch.Tensor] | None:
+def run_forward(stages: PipelineStages, microbatches: list[Batch], finish: Finish, autocast=contextlib.nullcontext,
+                caches: dict[tuple[int, int], KVCache] | None = None) -> list[torch.Tensor] | None:
     """The forward of equal-shaped microbatches through every stage, pipelined (no gradients kept); `finish`'s
-    result per microbatch, in order, on the last pipeline rank; None on the others."""
+    result per microbatch, in order, on the last pipeline rank; None on the others.
+
+    With `caches` (decoding), chunk c of microbatch m attends over and extends caches[(m, c)] (created empty on
+    the first call): each pipeline rank keeps the keys and values of its own layers only, so that after the
+    prompt a step moves one position's hidden states from stage to stage."""
     program = forward_only_actions(stages.pp, stages.virtual, len(microbatches))[stages.pp_rank]
     with torch.no_grad():
-        results = _run_program(stages, program, microbatches, finish, autocast)
+        results = _run_program(stages, program, microbatches, finish, autocast, caches=caches)
     return results or None
 
 
@@ -237,8 +243,9 @@ def split_microbatches(batch: Batch, count: int) -> list[Batch]:
 
 
 def _run_program(stages: PipelineStages, program: list[Action], microbatches: list[Batch], finish: Finish,
-                 autocast, before_last_backward=None) -> list[torch.Tensor]:
-    """Play one rank's program; the last stage's `finish` results (detached), in forward order."""
+                 autocast, before_last_backward=None, caches: dict | None = None) -> list[torch.Tensor]:
+    """Play one rank's program; the last stage's `finish` results (detached), in forward order. `caches`: see
+    run_forward (None in training)."""
     rows, seq = microbatches[0].tokens.shape
     shape = (rows, seq // stages.sequence_parallel_tp, stages.d_model)
     dtype = next(stages.chunks[0].parameters()).dtype
@@ -254,12 +261,13 @@ def _run_program(stages: PipelineStages, program: list[Action], microbatches: li
         started = time.perf_counter()
         if a.kind == "forward":
             chunk, batch = stages.chunks[a.chunk], microbatches[a.microbatch].to(stages.device)
+            cached = {} if caches is None else {"cache": caches.setdefault(key, KVCache())}
             with autocast():
                 if stages.is_last_stage(a.chunk):
-                    out = finish(chunk, batch, inputs.get(key))
+                    out = finish(chunk, batch, inputs.get(key), **cached)
                     results.append(out.detach())
                 else:
-                    out = chunk(batch, hidden=inputs.get(key))
+                    out = chunk(batch, hidden=inputs.get(key), **cached)
             if torch.is_grad_enabled():
                 outputs[key] = out
             else:
