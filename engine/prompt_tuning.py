@@ -156,11 +156,16 @@ def attach(model: nn.Module, prompt: SoftPrompt) -> PromptHooks:
     return PromptHooks(model, prompt)
 
 
+def refuse_pipeline(pp: int) -> None:
+    """A soft prompt runs with pp=1: it lives on the first stage, which the hooks cannot reach from the others."""
+    if pp > 1:
+        raise ConfigError("--parallel.pp: a soft prompt runs with pp=1 (the prompt lives on the first stage); "
+                          "use --parallel.tp or data parallelism")
+
+
 def attach_to_layout(layout, prompt: SoftPrompt) -> PromptHooks:
     """The prompt on this rank's part of a layout (tensor and data parallelism; not pipeline stages)."""
-    if layout.pipeline is not None:
-        raise ValueError("prompt tuning: parallel.pp > 1 is not supported (the prompt lives on the first stage); "
-                         "run with --parallel.pp=1 and use tp or dp")
+    refuse_pipeline(layout.cfg.parallel.pp)
     mesh = layout.mesh
     return PromptHooks(layout.model, prompt, tp_rank=mesh.tp_rank, tp=mesh.tp,
                        sequence_parallel=layout.cfg.parallel.sp)
@@ -224,9 +229,7 @@ def tune_prompt(cfg, step_dir, make_source, prompt_length: int, out_dir, provena
         raise ConfigError(f"--out {out_dir}: already holds {PROMPT_FILE}; choose another folder (it is not "
                           "overwritten)")
     resolved = resolve_auto(cfg)
-    if resolved.parallel.pp > 1:
-        raise ConfigError("--parallel.pp: prompt tuning runs with pp=1 (the prompt lives on the first stage); "
-                          "use --parallel.tp or data parallelism")
+    refuse_pipeline(resolved.parallel.pp)
     mesh = init_mesh(resolved)
     torch.manual_seed(cfg.train.seed)
     model = build_model(resolved.model, cfg.train.seed, device="cpu")

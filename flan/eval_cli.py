@@ -162,13 +162,13 @@ def cmd_eval(args) -> int:
     for label, step_dir, info in models:
         layout, tokenizer, step_cfg, mesh = load_layout(step_dir, cfg, mesh)
         if args.prompt and label == "tuned":  # a soft prompt belongs to the checkpoint it was tuned on
-            from engine.prompt_tuning import attach, load_prompt
+            from engine.prompt_tuning import attach_to_layout, load_prompt
 
             prompt, made = load_prompt(args.prompt)
             if made.get("checkpoint") and Path(made["checkpoint"]).resolve() != step_dir.resolve():
                 print(f"flan eval: warning: --prompt was tuned on {made['checkpoint']}, not {step_dir}",
                       file=sys.stderr)
-            attach(layout.model, prompt.to(next(layout.model.parameters()).device))
+            attach_to_layout(layout, prompt.to(next(layout.model.parameters()).device))
         info["input_len"] = step_cfg.data.input_len  # prompts are cut to what the checkpoint was tuned with
         info["layout"], info["precision"] = layout.summary(), layout.cfg.train.precision
         if mesh.is_logging_rank:
