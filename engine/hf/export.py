@@ -9,6 +9,10 @@ The tokenizer goes out as a `tokenizers` tokenizer.json that AutoTokenizer loads
                                    trimmed and collapsed where it does that, the "▁" prefix) and byte
                                    fallback; the .model file is copied too, so import-hf brings it back exactly;
     tokenizers                     the tokenizer.json itself.
+The weights stream (`stream_weights`): one global tensor at a time is assembled from the checkpoint's
+pieces, whatever its layout (a Reader that closes each file after reading from it, so no mapping keeps
+the model's pages resident), checked, cast to fp32 and written at its place in model.safetensors, whose
+header is known from the index; the host never holds the whole state.
 BOS is added by the tokenizer's post-processor exactly when our model adds it. `check_tokenizer` measures
 the agreement on sample texts. An existing non-empty OUT is refused (a usage error) unless force=True; then
 the new folder is built complete beside OUT (the new export plus OUT's files that are not model files, e.g.
@@ -24,12 +28,13 @@ import tempfile
 from fnmatch import fnmatch
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
 
-from engine.checkpoint import dedup_tied, load_meta, load_model_state
+from engine.checkpoint import Reader, load_meta
 from engine.config import config_from_dict
 from engine.errors import USAGE
 from engine.hf.config import HFError, hf_name, llama_config
+from engine.hf.safetensors_stream import StreamWriter
 
 # What an HF loader reads from a model folder: --force replaces these, and keeps OUT's other files.
 HF_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
@@ -139,22 +144,35 @@ def _swap_in(new: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
+def stream_weights(step_dir: Path, index: dict, tied: bool, path: Path) -> None:
+    """The checkpoint's weights as one fp32 safetensors file under HF names, one global tensor in memory at a
+    time: each is assembled from its stored pieces (any layout), verified, cast and written at its place."""
+    reader = Reader(step_dir, index, keep_open=False)
+    names = [n for n, e in index["tensors"].items() if e["kind"] == "model" and not (tied and n == "output.weight")]
+    writer = StreamWriter(path, {hf_name(n): (torch.float32, tuple(index["tensors"][n]["shape"])) for n in names},
+                          metadata={"format": "pt"})
+    try:
+        for name in names:
+            tensor = reader.full(name).float()
+            writer.write(hf_name(name), tensor.contiguous())
+            del tensor
+    finally:
+        writer.close()
+
+
 def export_hf(step_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write `out` as a Llama-format folder (config, safetensors weights, tokenizer) from a checkpoint folder."""
     from engine.tokenizer import load_tokenizer
 
     step_dir, out = Path(step_dir), Path(out)
     _check_out(out, force)
-    cfg = config_from_dict(load_meta(step_dir)["config"], f"{step_dir} (its stored config)")
+    index = load_meta(step_dir)
+    cfg = config_from_dict(index["config"], f"{step_dir} (its stored config)")
     tokenizer = load_tokenizer(cfg)
-    state = load_model_state(step_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-new-", dir=out.parent))
     try:
-        tensors = {hf_name(k): v.float().contiguous() for k, v in dedup_tied(state).items()
-                   if not (cfg.model.tie_embeddings and k == "output.weight")}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors, state
+        stream_weights(step_dir, index, cfg.model.tie_embeddings, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(llama_config(cfg, tokenizer), indent=1))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}))
