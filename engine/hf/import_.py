@@ -10,7 +10,7 @@ Paths in the folder's weight_map stay inside the folder (no "..", no absolute pa
 out). The target folder must not exist or be empty: an import never mixes with a run already there (a run's
 newer steps would outrank it, its pruning delete it); a failed import removes what it wrote.
 
-Under torchrun (WORLD_SIZE > 1) each rank writes only its own files of the layout (--layout, whose size
+Under torchrun (`flan import-hf` passes world=WORLD_SIZE) each rank writes only its own files of the layout (--layout, whose size
 must be the world; without it dp = the world): it reads just the tensors it holds a region of. Rank 0
 writes the tokenizer and config.toml first and commits the index once every rank's part is there; every
 step ends with an all-reduce of "did any rank fail", so no rank waits on a peer that has stopped.
@@ -193,7 +193,7 @@ class _Ranks:
     any failed (gloo all-reduce), so a rank whose peer stopped raises instead of waiting at the next step."""
 
     def __init__(self, world: int, timeout_s: float):
-        self.world, self.rank = world, int(os.environ.get("RANK", 0))
+        self.world, self.rank = world, int(os.environ.get("RANK", 0)) if world > 1 else 0
         self.owns_group = world > 1 and not dist.is_initialized()
         if self.owns_group:
             dist.init_process_group("gloo", rank=self.rank, world_size=world, timeout=timedelta(seconds=timeout_s))
@@ -237,10 +237,10 @@ def _remove_import(run_dir: Path, existed: bool) -> None:
 
 
 def import_hf(folder: str | Path, run_dir: str | Path, dtype: str = "float32", layout: dict[str, int] | None = None,
-              trust: str = "auto") -> Path:
+              trust: str = "auto", world: int = 1) -> Path:
     """Bring a Llama-architecture HF folder in as <run_dir>/checkpoints/step-000000 (+ config.toml, tokenizer).
-    Under torchrun every rank writes its own shards of the layout; rank 0 commits the index after a barrier."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    `world`: the processes importing together (`flan import-hf` under torchrun passes WORLD_SIZE; every one
+    calls this with the same arguments): each writes its own shards, rank 0 commits the index after them."""
     folder, run_dir = Path(folder), Path(run_dir)
     ranks = _Ranks(world, Config().parallel.timeout_s)
     try:

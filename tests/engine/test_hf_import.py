@@ -220,7 +220,7 @@ def test_cli_import_refusal_and_eval_hf(folders, tmp_path, capsys):
 def _import_on_rank(folder: str, run_dir: str, layout: dict, trust: str):
     """One torchrun rank's `flan import-hf`: its step folder, or the message of the HFError it stopped with."""
     try:
-        return str(import_hf(folder, run_dir, trust=trust, layout=layout))
+        return str(import_hf(folder, run_dir, trust=trust, layout=layout, world=2))
     except HFError as e:
         return f"HFError: {e}"
 
@@ -266,3 +266,13 @@ def test_a_refusal_on_rank_0_stops_every_rank_and_leaves_nothing(folders, tmp_pa
     assert not (tmp_path / "run").exists()
     wrong = launch(_import_on_rank, 2, str(folders["llama2"]), str(tmp_path / "run"), {"tp": 4}, "json")
     assert all("--layout dp=1,pp=1,tp=4: 4 ranks, but torchrun started 2 processes" in m for m in wrong)
+
+
+def test_a_private_import_on_one_torchrun_rank_writes_everything(folders, tmp_path, monkeypatch):
+    """`flan eval --hf` under torchrun: each rank imports into its own scratch folder (world=1), so rank 1
+    writes the whole import itself, tokenizer and config included."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    step = import_hf(folders["llama3"], tmp_path / "run")
+    assert load_meta(step)["world_size"] == 1 and (tmp_path / "run" / "config.toml").is_file()
+    assert Tokenizer.load(load_meta(step)["config"]["data"]["tokenizer"]).kind == "tokenizers"
