@@ -248,6 +248,7 @@ def import_hf(folder: str | Path, run_dir: str | Path, dtype: str = "float32", l
         existed = run_dir.exists()
         try:
             ranks.agreed(lambda: _write_run_files(folder, run_dir, cfg, trust), only_rank0=True)
+            # Rank 0's cfg now names the tokenizer it wrote; only rank 0 commits this meta.
             meta = {"config": cfg.to_dict(), "imported_from": str(folder), "source_dtypes": sorted(
                 {e["dtype"] for _, _, e in sources.values()})}
             if world == 1:
