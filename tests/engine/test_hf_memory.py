@@ -74,6 +74,7 @@ def test_import_peak_memory_is_two_tensors(big_folder, tmp_path):
                        {{"config": cfg.to_dict()}})
         print(json.dumps({{"before": before, "after": hwm()}}))
     """)
+    print(f"import: peak RSS grew {grown / 2**20:.1f} MiB (bound {2 * LARGEST / 2**20:.0f} MiB)")  # shown with -s
     assert grown < 2 * LARGEST, f"import grew the peak RSS by {grown / 2**20:.1f} MiB; bound {2 * LARGEST / 2**20} MiB"
 
 
@@ -102,6 +103,7 @@ def test_export_peak_memory_is_two_tensors(big_folder, tmp_path, tp):
         stream_weights(step, index, True, Path({str(out)!r}))
         print(json.dumps({{"before": before, "after": hwm()}}))
     """)
+    print(f"export from tp={tp}: peak RSS grew {grown / 2**20:.1f} MiB (bound {2 * LARGEST / 2**20:.0f} MiB)")
     assert grown < 2 * LARGEST, f"export grew the peak RSS by {grown / 2**20:.1f} MiB; bound {2 * LARGEST / 2**20} MiB"
     from safetensors.torch import load_file
 
