@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -218,9 +219,11 @@ def cmd_export_hf(args) -> int:
 def cmd_import_hf(args) -> int:
     from engine.hf import import_hf
 
-    step = import_hf(args.folder, args.out, dtype=args.dtype, layout=args.layout, trust=args.trust_tokenizer)
-    print(f"{step}: imported; instruction-tune it with "
-          f"`flan tune {Path(args.out) / 'config.toml'} --train.init_from={args.out}`")
+    step = import_hf(args.folder, args.out, dtype=args.dtype, layout=args.layout, trust=args.trust_tokenizer,
+                     world=int(os.environ.get("WORLD_SIZE", "1")))  # under torchrun the ranks write it together
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank wrote its shards; one speaks
+        print(f"{step}: imported; instruction-tune it with "
+              f"`flan tune {Path(args.out) / 'config.toml'} --train.init_from={args.out}`")
     return 0
 
 

@@ -32,10 +32,12 @@ class Reader:
 
     Every byte handed out is verified: the first time any part of a stored piece is needed the whole piece is
     read and checked against its crc32 (a slice alone cannot be), later parts of it are sliced lazily; the
-    RNG tensors are checked the same way."""
+    RNG tensors are checked the same way. `keep_open=False` closes each file once a piece is read from it:
+    pages read through an open file's mapping stay resident until it is closed, so a caller that reads
+    tensor by tensor (export) then holds only the tensor being assembled and one piece."""
 
-    def __init__(self, path: Path, index: dict):
-        self.path, self.index = path, index
+    def __init__(self, path: Path, index: dict, keep_open: bool = True):
+        self.path, self.index, self.keep_open = path, index, keep_open
         self.handles: dict[str, Any] = {}
         self.verified: set[tuple[str, str]] = set()
 
@@ -81,15 +83,19 @@ class Reader:
         file, key, box = piece["file"], piece["key"], piece["box"]
         local = None if region is None or [list(b) for b in region] == box else \
             tuple(slice(a - o, b - o) for (a, b), (o, _) in zip(region, box))
-        if (file, key) not in self.verified:
-            data = self._verified(file, key, name, piece["crc32"], tuple(b - a for a, b in box) if boxed else None)
-            return data if local is None else data[local]
         try:
-            lazy = self._open(file, name).get_slice(key)
-            return lazy[local] if local is not None else self._open(file, name).get_tensor(key)
-        except SafetensorError as e:
-            raise CheckpointError(f"{self.path / file}: cannot read tensor {name!r} (key {key!r}): {e}; the file is "
-                                  "truncated or corrupted, resume from an older checkpoint") from None
+            if (file, key) not in self.verified:
+                data = self._verified(file, key, name, piece["crc32"], tuple(b - a for a, b in box) if boxed else None)
+                return data if local is None else data[local]
+            try:
+                lazy = self._open(file, name).get_slice(key)
+                return lazy[local] if local is not None else self._open(file, name).get_tensor(key)
+            except SafetensorError as e:
+                raise CheckpointError(f"{self.path / file}: cannot read tensor {name!r} (key {key!r}): {e}; the file "
+                                      "is truncated or corrupted, resume from an older checkpoint") from None
+        finally:
+            if not self.keep_open:
+                self.handles.pop(file, None)
 
     def rng(self, rank: int) -> dict[str, torch.Tensor]:
         """Rank `rank`'s torch RNG tensors, each checked against the checksum its record holds (checkpoints
@@ -143,6 +149,11 @@ class Reader:
 
     def full(self, name: str) -> torch.Tensor:
         entry = self.entry(name, None)
+        pieces = entry["pieces"]
+        if len(pieces) == 1 and pieces[0]["box"] == [[0, n] for n in entry["shape"]]:  # stored whole: no copy
+            data = self.read_piece(pieces[0], name)
+            if data.dtype == DTYPES[entry["dtype"]]:
+                return data
         return self.region(name, tuple((0, n) for n in entry["shape"]), None)
 
 

@@ -9,24 +9,34 @@ The tokenizer goes out as a `tokenizers` tokenizer.json that AutoTokenizer loads
                                    trimmed and collapsed where it does that, the "▁" prefix) and byte
                                    fallback; the .model file is copied too, so import-hf brings it back exactly;
     tokenizers                     the tokenizer.json itself.
+The weights stream (`stream_weights`): one global tensor at a time is assembled from the checkpoint's
+pieces, whatever its layout (a Reader that closes each file after reading from it, so no mapping keeps
+the model's pages resident), checked, cast to fp32 and written at its place in model.safetensors, whose
+header is known from the index; the host never holds the whole state.
 BOS is added by the tokenizer's post-processor exactly when our model adds it. `check_tokenizer` measures
-the agreement on sample texts. An existing non-empty OUT is refused unless force=True; then the files an
-HF loader would read that this export does not write (old shards, index, tokenizer files) are removed.
+the agreement on sample texts. An existing non-empty OUT is refused (a usage error) unless force=True; then
+the new folder is built complete beside OUT (the new export plus OUT's files that are not model files, e.g.
+a README, linked in) and swapped in by two renames, so OUT is never half old and half new; the old model
+files (shards, index, tokenizer files) go with the old folder.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+from fnmatch import fnmatch
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
 
-from engine.checkpoint import dedup_tied, load_meta, load_model_state
+from engine.checkpoint import Reader, load_meta
 from engine.config import config_from_dict
+from engine.errors import USAGE
 from engine.hf.config import HFError, hf_name, llama_config
+from engine.hf.safetensors_stream import StreamWriter
 
-# What an HF loader reads from a model folder; the stale ones go when --force replaces an export.
+# What an HF loader reads from a model folder: --force replaces these, and keeps OUT's other files.
 HF_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
             "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer.model",
             "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
@@ -95,10 +105,59 @@ def check_tokenizer(hf_tok, tokenizer, texts: list[str]) -> list[str]:
 
 
 def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+    if out.exists() and not out.is_dir():
+        raise HFError(f"{out}: exists and is not a folder; export into a new folder", exit_code=USAGE)
+    if out.is_dir() and any(out.iterdir()) and not force:
         raise HFError(f"{out}: already exists and is not empty; export into a new folder, or pass --force to "
                       "replace the model files in it (files of an earlier export that this one does not write "
-                      "are removed)")
+                      "are removed)", exit_code=USAGE)
+
+
+def _keep_user_files(out: Path, new: Path) -> None:
+    """Link (or copy) into `new` every entry of `out` that is not a model file and that `new` does not hold."""
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for entry in out.iterdir():
+        if (new / entry.name).exists() or any(fnmatch(entry.name, pattern) for pattern in HF_FILES):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=link_or_copy)
+        elif entry.is_symlink():
+            (new / entry.name).symlink_to(os.readlink(entry))
+        else:
+            link_or_copy(entry, new / entry.name)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """`new` (complete) becomes `out`; the old `out` is removed only once the new one is in place."""
+    if not out.exists():
+        new.rename(out)
+        return
+    _keep_user_files(out, new)
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
+    out.rename(old / out.name)
+    new.rename(out)
+    shutil.rmtree(old)
+
+
+def stream_weights(step_dir: Path, index: dict, tied: bool, path: Path) -> None:
+    """The checkpoint's weights as one fp32 safetensors file under HF names, one global tensor in memory at a
+    time: each is assembled from its stored pieces (any layout), verified, cast and written at its place."""
+    reader = Reader(step_dir, index, keep_open=False)
+    names = [n for n, e in index["tensors"].items() if e["kind"] == "model" and not (tied and n == "output.weight")]
+    writer = StreamWriter(path, {hf_name(n): (torch.float32, tuple(index["tensors"][n]["shape"])) for n in names},
+                          metadata={"format": "pt"})
+    try:
+        for name in names:
+            tensor = reader.full(name).float()
+            writer.write(hf_name(name), tensor.contiguous())
+            del tensor
+    finally:
+        writer.close()
 
 
 def export_hf(step_dir: str | Path, out: str | Path, force: bool = False) -> Path:
@@ -107,28 +166,20 @@ def export_hf(step_dir: str | Path, out: str | Path, force: bool = False) -> Pat
 
     step_dir, out = Path(step_dir), Path(out)
     _check_out(out, force)
-    cfg = config_from_dict(load_meta(step_dir)["config"], f"{step_dir} (its stored config)")
+    index = load_meta(step_dir)
+    cfg = config_from_dict(index["config"], f"{step_dir} (its stored config)")
     tokenizer = load_tokenizer(cfg)
-    state = load_model_state(step_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
-        tmp = Path(tmp)
-        tensors = {hf_name(k): v.float().contiguous() for k, v in dedup_tied(state).items()
-                   if not (cfg.model.tie_embeddings and k == "output.weight")}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors, state
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-new-", dir=out.parent))
+    try:
+        stream_weights(step_dir, index, cfg.model.tie_embeddings, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(llama_config(cfg, tokenizer), indent=1))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}))
         hf_tokenizer(tokenizer).save_pretrained(str(tmp))
         if tokenizer.kind != "tokenizers":  # lets `flan import-hf` bring the SentencePiece file back exactly
             shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
-        written = {p.name for p in tmp.iterdir()}
-        out.mkdir(exist_ok=True)
-        for pattern in HF_FILES:
-            for stale in out.glob(pattern):
-                if stale.name not in written and stale.is_file():
-                    stale.unlink()
-        for name in written:
-            (tmp / name).replace(out / name)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

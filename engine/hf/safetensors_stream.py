@@ -2,11 +2,12 @@
 
     header, start = read_header(path)                   # {name: {"dtype", "shape", "data_offsets"}}, data start
     t = read_tensor(path, start, header[name])          # just that tensor's bytes, no mmap
-    w = StreamWriter(path, {"key": (torch.bfloat16, (4, 8))}); w.write("key", t); w.close()
+    w = StreamWriter(path, {"key": (torch.bfloat16, (4, 8))}, metadata={"format": "pt"})
+    w.write("key", t); w.close()
 
 Why not safetensors' own API: its loader maps the whole file (touched pages stay resident while it is
-open) and its writer wants every tensor of a file in memory at once. Importing a model tensor by tensor
-keeps the host at one tensor plus the one being written. The format: an 8-byte little-endian header
+open) and its writer wants every tensor of a file in memory at once. Importing (and exporting) a model
+tensor by tensor keeps the host at one tensor plus the one being written. The format: an 8-byte little-endian header
 length, a JSON header (padded with spaces to 8 bytes), then the tensors' bytes, each at its offsets.
 """
 from __future__ import annotations
@@ -70,8 +71,11 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 class StreamWriter:
     """One safetensors file whose header is known in advance; tensors are written in any order."""
 
-    def __init__(self, path: Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+    def __init__(self, path: Path, entries: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
         self.path, self.entries, header, offset = path, entries, {}, 0
+        if metadata:
+            header["__metadata__"] = metadata
         for key, (dtype, shape) in entries.items():
             nbytes = math.prod(shape) * dtype.itemsize
             header[key] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}

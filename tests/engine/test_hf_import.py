@@ -27,6 +27,21 @@ def folders(tmp_path_factory, shared_data):
     return {k: built(k, tmp_path_factory, shared_data / "corpus") for k in ("llama2", "llama3")}
 
 
+@pytest.fixture(scope="module")
+def llama2_import(folders, tmp_path_factory):
+    """import_hf(llama2, trust=json) in one process for a layout ("tp=2"; "" for one device), made once per
+    module: the references the layout tests compare against (read-only)."""
+    made: dict[str, Path] = {}
+
+    def get(layout: str) -> Path:
+        if layout not in made:
+            degrees = dict((k, int(v)) for k, v in (p.split("=") for p in layout.split(",") if p))
+            made[layout] = import_hf(folders["llama2"], tmp_path_factory.mktemp("llama2-import") / "run",
+                                     trust="json", layout=degrees)
+        return made[layout]
+    return get
+
+
 def our_model(step):
     cfg = config_from_dict(load_meta(step)["config"])
     model = build_model(cfg.model, seed=0)
@@ -70,9 +85,8 @@ def test_disagreeing_tokenizer_files_stop_the_import(folders, tmp_path):
     assert tok.kind == "sentencepiece-bpe" and tok.add_bos and tok.bos_id == 1
 
 
-def test_tp2_import_writes_shards_that_load_to_the_same_logits(folders, tmp_path):
-    whole = import_hf(folders["llama2"], tmp_path / "one", trust="json")
-    split = import_hf(folders["llama2"], tmp_path / "tp2", trust="json", layout={"tp": 2})
+def test_tp2_import_writes_shards_that_load_to_the_same_logits(llama2_import):
+    whole, split = llama2_import(""), llama2_import("tp=2")
     index = load_meta(split)
     assert index["layout"] == {"dp": 1, "pp": 1, "tp": 2} and index["world_size"] == 2
     assert sorted(p.name for p in split.glob("model-*")) == ["model-r00000.safetensors", "model-r00001.safetensors"]
@@ -97,11 +111,11 @@ def _tp_logits(step: str) -> list:
         return layout.model(Batch(tokens)).tolist()
 
 
-def test_tp2_shards_load_into_a_tp2_layout_with_transformers_logits(folders, tmp_path):
+def test_tp2_shards_load_into_a_tp2_layout_with_transformers_logits(folders, llama2_import):
     sys.path.insert(0, str(Path(__file__).parent / "parallel"))
     from launch import launch
 
-    split = import_hf(folders["llama2"], tmp_path / "tp2", trust="json", layout={"tp": 2})
+    split = llama2_import("tp=2")
     hf = transformers.AutoModelForCausalLM.from_pretrained(folders["llama2"], dtype=torch.float32).eval()
     expected = logits_of(hf, 512, hf=True)
     for logits in launch(_tp_logits, 2, str(split)):
@@ -201,3 +215,64 @@ def test_cli_import_refusal_and_eval_hf(folders, tmp_path, capsys):
                  "--templates", "0", "--out", str(tmp_path / "eval")]) == 0
     scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
     assert "rte" in json.dumps(scores) and "tuned" in json.dumps(scores)
+
+
+def _import_on_rank(folder: str, run_dir: str, layout: dict, trust: str):
+    """One torchrun rank's `flan import-hf`: its step folder, or the message of the HFError it stopped with."""
+    try:
+        return str(import_hf(folder, run_dir, trust=trust, layout=layout, world=2))
+    except HFError as e:
+        return f"HFError: {e}"
+
+
+def _stored_tensors(step) -> dict:
+    from safetensors.torch import load_file
+
+    return {f.name: load_file(str(f)) for f in sorted(step.glob("model-*.safetensors"))}
+
+
+@pytest.mark.parametrize("layout", ["tp=2", "pp=2"])
+def test_two_ranks_write_the_shards_of_one_process_layout_import(layout, folders, llama2_import, tmp_path):
+    """Under torchrun each rank writes its own files; file for file they hold the values the one-process
+    `--layout` import writes, and they load to the one-process import's logits."""
+    sys.path.insert(0, str(Path(__file__).parent / "parallel"))
+    from launch import launch
+
+    degrees = {layout[:2]: 2}
+    steps = launch(_import_on_rank, 2, str(folders["llama2"]), str(tmp_path / "ranks"), degrees, "json")
+    assert steps == [str(tmp_path / "ranks" / "checkpoints" / "step-000000")] * 2
+    ranks, alone = Path(steps[0]), llama2_import(layout)
+    index, expected = load_meta(ranks), load_meta(alone)
+    assert index["world_size"] == 2 and index["layout"] == expected["layout"]
+    assert index["tensors"] == expected["tensors"]  # same pieces, boxes and checksums
+    mine, theirs = _stored_tensors(ranks), _stored_tensors(alone)
+    assert list(mine) == list(theirs) == ["model-r00000.safetensors", "model-r00001.safetensors"]
+    for file, tensors in mine.items():
+        assert tensors.keys() == theirs[file].keys()
+        assert all(torch.equal(t, theirs[file][key]) for key, t in tensors.items()), file
+    torch.testing.assert_close(logits_of(our_model(ranks)[0], 512), logits_of(our_model(llama2_import(""))[0], 512),
+                               rtol=0, atol=0)
+
+
+def test_a_refusal_on_rank_0_stops_every_rank_and_leaves_nothing(folders, tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent / "parallel"))
+    from launch import launch
+
+    # Only rank 0 checks the tokenizer; llama2's two files disagree, so it refuses and rank 1 must not wait.
+    first, second = launch(_import_on_rank, 2, str(folders["llama2"]), str(tmp_path / "run"), {"tp": 2}, "auto",
+                           timeout=60)
+    assert first.startswith("HFError") and "--trust-tokenizer" in first
+    assert second.startswith("HFError") and "another rank stopped the import" in second
+    assert not (tmp_path / "run").exists()
+    wrong = launch(_import_on_rank, 2, str(folders["llama2"]), str(tmp_path / "run"), {"tp": 4}, "json")
+    assert all("--layout dp=1,pp=1,tp=4: 4 ranks, but torchrun started 2 processes" in m for m in wrong)
+
+
+def test_a_private_import_on_one_torchrun_rank_writes_everything(folders, tmp_path, monkeypatch):
+    """`flan eval --hf` under torchrun: each rank imports into its own scratch folder (world=1), so rank 1
+    writes the whole import itself, tokenizer and config included."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    step = import_hf(folders["llama3"], tmp_path / "run")
+    assert load_meta(step)["world_size"] == 1 and (tmp_path / "run" / "config.toml").is_file()
+    assert Tokenizer.load(load_meta(step)["config"]["data"]["tokenizer"]).kind == "tokenizers"
