@@ -1,7 +1,8 @@
-"""Attention benchmark: our Triton flash kernel (split and fused backward) against SDPA (flash, cuDNN,
-efficient), FlexAttention, and FlashAttention 2/3 where installed.
+"""Attention benchmark: our Triton flash kernel (split and fused backward; with --tma also its TMA
+descriptor path) against SDPA (flash, cuDNN, efficient), FlexAttention, and FlashAttention 2/3 where installed.
 
     python -m benchmarks.attention                       # GPU: S 512..16k, D 64/128, bf16, causal
+    python -m benchmarks.attention --tma                 # also "triton-tma": flash_attention(tma=True), sm_90
     python -m benchmarks.attention --smoke               # CPU (Triton interpreter), tiny shapes, end to end
     python -m benchmarks.attention --check-bf16 --out benchmarks/results/attention-<gpu>   # GPU correctness
     python -m benchmarks.attention --check fp16 --smoke  # the same check on the CPU interpreter, tiny shapes
@@ -58,7 +59,18 @@ def forward_flops(segment_ids: torch.Tensor | None, batch: int, seq_len: int, he
     return 4.0 * heads * head_dim * work
 
 
-def provider_functions(segment_ids: torch.Tensor | None, device: torch.device, compile_flex: bool) -> dict:
+def our_providers(segment_ids, tma: bool) -> dict:
+    """name -> our flash_attention(q, k, v) variants: the default, the fused backward and, if tma, the TMA path.
+    segment_ids: (B, S) ids, their `attention_segments`, or None."""
+    variants = {"triton": {}, "triton-fused-bwd": {"fused_backward": True}}
+    if tma:
+        variants["triton-tma"] = {"tma": True}
+    return {name: (lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, segment_ids=segment_ids, **kw))
+            for name, kw in variants.items()}
+
+
+def provider_functions(segment_ids: torch.Tensor | None, device: torch.device, compile_flex: bool,
+                       tma: bool = False) -> dict:
     """name -> attention(q, k, v) on (B, S, H, D) tensors, for the providers that can run this layout."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -97,9 +109,7 @@ def provider_functions(segment_ids: torch.Tensor | None, device: torch.device, c
         return out.transpose(1, 2)
 
     segments = None if segment_ids is None else attention_segments(segment_ids)  # once, as the model does
-    providers = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=segments),
-                 "triton-fused-bwd": lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=segments,
-                                                                     fused_backward=True)}
+    providers = our_providers(segments, tma)
     if segment_ids is None:
         if device.type == "cuda":
             providers["sdpa-flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
@@ -160,7 +170,8 @@ def benchmark(args) -> list[dict]:
                 q, k, v = (torch.randn(batch, seq_len, h, head_dim, generator=gen, device=device, dtype=dtype)
                            .requires_grad_() for h in (heads, kv_heads, kv_heads))
                 grad_out = torch.randn_like(q)
-                for provider, attn in provider_functions(segment_ids, device, device.type == "cuda").items():
+                for provider, attn in provider_functions(segment_ids, device, device.type == "cuda",
+                                                         args.tma).items():
                     for pass_name in PASSES:
                         row = {"pass": pass_name, "provider": provider, "layout": layout, "D": head_dim,
                                "S": seq_len, "B": batch, "H": heads, "Hkv": kv_heads, "ms": None, "tflops": None,
@@ -247,9 +258,7 @@ def check_correctness(args) -> list[dict]:
             return [out, *torch.autograd.grad(out, leaves, grad_out.to(out_dtype))]
 
         ref = outputs(lambda *t: attention_reference(*t, causal=True, segment_ids=segment_ids), torch.float32)
-        candidates = {"triton": lambda *t: flash_attention(*t, causal=True, segment_ids=segment_ids),
-                      "triton-fused-bwd": lambda *t: flash_attention(*t, causal=True, segment_ids=segment_ids,
-                                                                     fused_backward=True)}
+        candidates = our_providers(segment_ids, args.tma)
         if segment_ids is None and device.type == "cuda" and dtype != torch.float32:
             candidates["sdpa-flash"] = sdpa_flash  # the error a production kernel makes, for scale
         for provider, fn in candidates.items():
@@ -270,6 +279,8 @@ def parse_args(argv=None):
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--model-dim", type=int, default=2048, help="heads = model_dim / D (FlashAttention's setup)")
     p.add_argument("--kv-group", type=int, default=1, help="query heads per key/value head (GQA)")
+    p.add_argument("--tma", action="store_true",
+                   help="also run our TMA descriptor path (provider triton-tma; sm_90 or the interpreter)")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch: B = tokens / S")
     p.add_argument("--doc-min", type=int, default=256, help="shortest packed document")
     p.add_argument("--doc-max", type=int, default=2048, help="longest packed document")
