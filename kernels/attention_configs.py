@@ -13,6 +13,8 @@ registers without spills, in the 227 KiB of shared memory of one H100/H200 SM, a
 (not mma.sync, nor the narrowest m64n16 from 16-row steps). Which one wins is left to the autotuner on
 the GPU. dK/dV leads with 64 queries x 128 keys on 8 warps, the tile FA2, FA3 and FlexAttention use,
 where it fits: at head dim 64 without software pipelining (num_stages=1); at 128 it spills.
+The TMA path (flash_attention(tma=True)) has lists of its own ("fwd_tma", ...), chosen by the same rule
+from its rows of the table; the autotune key includes TMA, so the two paths tune apart.
 Under Triton's CPU interpreter one small config: tuning there only wastes time; 16 is the smallest
 tile tl.dot accepts.
 """
@@ -31,13 +33,15 @@ GPU_CONFIGS = {
            128: [(128, 64, 8, 2), (128, 32, 8, 3)]},
     "dkdv": {64: [(64, 128, 8, 1), (32, 128, 8, 2), (32, 128, 8, 1)],
              128: [(32, 128, 8, 1)]},
-    # The opt-in TMA path (kernels/attention_io.py), chosen from its own rows of the table.
+    # The opt-in TMA path (kernels/attention_io.py), chosen from its own rows of the table: no address
+    # arithmetic frees registers in the forward and dQ (more dQ tiles fit at 128), while dK/dV's TMA
+    # stores and loads cost it the 64 x 128 tile at 64; at 128 (32, 128, 8, 2) spills least (140 bytes).
     "fwd_tma": {64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
                 128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]},
-    "dq_tma": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-               128: [(128, 64, 8, 2), (128, 32, 8, 3)]},
-    "dkdv_tma": {64: [(64, 128, 8, 1), (32, 128, 8, 2), (32, 128, 8, 1)],
-                 128: [(32, 128, 8, 1)]},
+    "dq_tma": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)],
+               128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]},
+    "dkdv_tma": {64: [(32, 128, 8, 2), (32, 128, 8, 1)],
+                 128: [(32, 128, 8, 2)]},
 }
 INTERPRETER_TILES = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
 
