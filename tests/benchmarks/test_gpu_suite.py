@@ -20,12 +20,13 @@ def test_dry_run_lists_the_gpu_steps_and_runs_nothing(tmp_path):
     done = run_suite(tmp_path / "out", "--dry-run")
     assert done.returncode == 0, done.stderr
     steps = [line.split(":", 1)[0] for line in done.stdout.splitlines()]
-    assert steps == ["attention-check", "ce-check", "attention", "attention-gqa", "ce-bf16", "ce-fp32", "train-125m",
-                     "train-1.3b", "report"]
+    assert steps == ["attention-check", "ce-check", "attention", "attention-gqa", "attention-tma", "ce-bf16", "ce-fp32",
+                     "train-125m", "train-1.3b", "report"]
     assert "--check bf16" in done.stdout and "--dtype fp32" in done.stdout and "gpu-1.3b" in done.stdout
     commands = dict(line.split(": ", 1) for line in done.stdout.splitlines())
-    for step in ("attention-check", "attention", "attention-gqa"):  # the TMA path measured beside the pointer one
+    for step in ("attention-check", "attention-tma"):  # the TMA path checked, and timed against the pointer one
         assert " --tma " in commands[step], step
+    assert "--providers triton triton-tma " in commands["attention-tma"]
     assert not (tmp_path / "out").exists()
 
 

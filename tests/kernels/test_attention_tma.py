@@ -6,10 +6,15 @@ packed and unpacked rows, GQA, lengths that end inside a tile.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+import triton
+from triton.runtime import _allocation
 from triton.runtime.interpreter import InterpreterBuilder
 
+from kernels import attention
 from tests.kernels.test_attention import assert_matches, make_inputs, packed_segments, run_both
 from tests.kernels.test_attention_paths import DTYPES, grads_of
 
@@ -57,3 +62,29 @@ def test_the_flag_chooses_the_descriptor_path(monkeypatch, tma):
     assert bool(made) == tma
     if tma:  # boxes of the interpreter's tiles (32 query rows x 16 keys, dK/dV 16 x 32) by head dim 32
         assert {tuple(shape) for shape in made} == {(32, 32), (16, 32)}
+
+
+def test_devices_without_tma_are_refused(monkeypatch):
+    """An sm_80 GPU with tma=True: one clear error naming the fix (checked without a GPU, on a stand-in)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="sm_80. Pass tma=False"):
+        attention._check_device(on_gpu, tma=True)
+    attention._check_device(on_gpu, tma=False)
+
+
+def test_descriptor_scratch_comes_from_torch_and_leaves_the_callers_allocator():
+    """With tma, a launch gets scratch from torch on the tensors' device; the caller's Triton allocator
+    (a context variable; Triton has no public getter) is the same object afterwards."""
+    def callers(size, alignment, stream):
+        raise AssertionError("the caller's allocator must not serve the kernels' scratch")
+
+    before = _allocation._allocator.get()
+    triton.set_allocator(callers)
+    try:
+        scratch = attention._launch(lambda: _allocation._allocator.get()(256, 128, None), True, torch.device("cpu"))
+        assert scratch.dtype == torch.int8 and scratch.numel() == 256
+        assert _allocation._allocator.get() is callers
+        assert attention._launch(lambda: _allocation._allocator.get(), False, torch.device("cpu")) is callers
+    finally:
+        triton.set_allocator(before)
