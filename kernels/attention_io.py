@@ -9,8 +9,10 @@ Two ways, one constexpr switch (TMA) so each kernel keeps one body:
     sequence-end masking itself. Each program writes its descriptors to a small global scratch (128
     bytes each), which the host provides through `triton.set_allocator` (kernels/attention.py).
 
-Both give the same values; the interpreter runs either (tests/kernels/test_attention_tma.py). Whether TMA
-is faster is for a GPU to measure (benchmarks/gpu_suite.sh runs both), so pointers stay the default.
+Both read and write the same elements, and the interpreter runs either (tests/kernels/test_attention_tma.py).
+The compiled code differs (benchmarks/results/attention-ptxas-sm90/: TMA frees address registers in the
+forward and dQ, costs dK/dV some); which is faster is for a GPU to measure (benchmarks/gpu_suite.sh,
+step attention-tma), so pointers stay the default.
 """
 from __future__ import annotations
 
