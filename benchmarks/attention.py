@@ -1,7 +1,8 @@
-"""Attention benchmark: our Triton flash kernel (split and fused backward) against SDPA (flash, cuDNN,
-efficient), FlexAttention, and FlashAttention 2/3 where installed.
+"""Attention benchmark: our Triton flash kernel (split and fused backward; with --tma also its TMA
+descriptor path) against SDPA (flash, cuDNN, efficient), FlexAttention, and FlashAttention 2/3 where installed.
 
     python -m benchmarks.attention                       # GPU: S 512..16k, D 64/128, bf16, causal
+    python -m benchmarks.attention --tma --providers triton triton-tma   # TMA vs pointer path only (sm_90)
     python -m benchmarks.attention --smoke               # CPU (Triton interpreter), tiny shapes, end to end
     python -m benchmarks.attention --check-bf16 --out benchmarks/results/attention-<gpu>   # GPU correctness
     python -m benchmarks.attention --check fp16 --smoke  # the same check on the CPU interpreter, tiny shapes
@@ -31,6 +32,8 @@ from benchmarks.harness import environment, measure, output_dir, plot_lines, pri
 from kernels.attention import attention_reference, attention_segments, flash_attention  # noqa: E402
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
+PROVIDERS = ("triton", "triton-fused-bwd", "triton-tma", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math",
+             "flex", "fa2", "fa3")  # every name provider_functions may give
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
 
@@ -58,7 +61,18 @@ def forward_flops(segment_ids: torch.Tensor | None, batch: int, seq_len: int, he
     return 4.0 * heads * head_dim * work
 
 
-def provider_functions(segment_ids: torch.Tensor | None, device: torch.device, compile_flex: bool) -> dict:
+def our_providers(segment_ids, tma: bool) -> dict:
+    """name -> our flash_attention(q, k, v) variants: the default, the fused backward and, if tma, the TMA path.
+    segment_ids: (B, S) ids, their `attention_segments`, or None."""
+    variants = {"triton": {}, "triton-fused-bwd": {"fused_backward": True}}
+    if tma:
+        variants["triton-tma"] = {"tma": True}
+    return {name: (lambda q, k, v, kw=kw: flash_attention(q, k, v, causal=True, segment_ids=segment_ids, **kw))
+            for name, kw in variants.items()}
+
+
+def provider_functions(segment_ids: torch.Tensor | None, device: torch.device, compile_flex: bool,
+                       tma: bool = False) -> dict:
     """name -> attention(q, k, v) on (B, S, H, D) tensors, for the providers that can run this layout."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -97,9 +111,7 @@ def provider_functions(segment_ids: torch.Tensor | None, device: torch.device, c
         return out.transpose(1, 2)
 
     segments = None if segment_ids is None else attention_segments(segment_ids)  # once, as the model does
-    providers = {"triton": lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=segments),
-                 "triton-fused-bwd": lambda q, k, v: flash_attention(q, k, v, causal=True, segment_ids=segments,
-                                                                     fused_backward=True)}
+    providers = our_providers(segments, tma)
     if segment_ids is None:
         if device.type == "cuda":
             providers["sdpa-flash"] = sdpa(SDPBackend.FLASH_ATTENTION)
@@ -160,7 +172,10 @@ def benchmark(args) -> list[dict]:
                 q, k, v = (torch.randn(batch, seq_len, h, head_dim, generator=gen, device=device, dtype=dtype)
                            .requires_grad_() for h in (heads, kv_heads, kv_heads))
                 grad_out = torch.randn_like(q)
-                for provider, attn in provider_functions(segment_ids, device, device.type == "cuda").items():
+                for provider, attn in provider_functions(segment_ids, device, device.type == "cuda",
+                                                         args.tma).items():
+                    if args.providers and provider not in args.providers:
+                        continue
                     for pass_name in PASSES:
                         row = {"pass": pass_name, "provider": provider, "layout": layout, "D": head_dim,
                                "S": seq_len, "B": batch, "H": heads, "Hkv": kv_heads, "ms": None, "tflops": None,
@@ -247,16 +262,23 @@ def check_correctness(args) -> list[dict]:
             return [out, *torch.autograd.grad(out, leaves, grad_out.to(out_dtype))]
 
         ref = outputs(lambda *t: attention_reference(*t, causal=True, segment_ids=segment_ids), torch.float32)
-        candidates = {"triton": lambda *t: flash_attention(*t, causal=True, segment_ids=segment_ids),
-                      "triton-fused-bwd": lambda *t: flash_attention(*t, causal=True, segment_ids=segment_ids,
-                                                                     fused_backward=True)}
+        candidates = our_providers(segment_ids, args.tma)
         if segment_ids is None and device.type == "cuda" and dtype != torch.float32:
             candidates["sdpa-flash"] = sdpa_flash  # the error a production kernel makes, for scale
         for provider, fn in candidates.items():
-            errors = {f"rel_{name}": ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
-                      for name, a, b in zip(("out", "dq", "dk", "dv"), outputs(fn, dtype), ref)}
-            rows.append(dict(provider=provider, dtype=args.check, layout=layout, D=head_dim, S=seq_len, Hq=heads,
-                             Hkv=kv_heads, **errors, ok=all(e <= tolerance for e in errors.values())))
+            row = dict(provider=provider, dtype=args.check, layout=layout, D=head_dim, S=seq_len, Hq=heads,
+                       Hkv=kv_heads)
+            try:
+                errors = {f"rel_{name}": ((a.float() - b).norm() / b.norm().clamp_min(1e-30)).item()
+                          for name, a, b in zip(("out", "dq", "dk", "dv"), outputs(fn, dtype), ref)}
+            except (RuntimeError, ValueError) as err:
+                # An optional path that fails to run (TMA on a device without it, say) is a failed row; the
+                # other providers' rows are still checked and recorded, and the check exits non-zero.
+                if provider == "triton":
+                    raise
+                rows.append(dict(row, ok=False, error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+                continue
+            rows.append(dict(row, **errors, ok=all(e <= tolerance for e in errors.values())))
     return rows
 
 
@@ -270,6 +292,10 @@ def parse_args(argv=None):
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     p.add_argument("--model-dim", type=int, default=2048, help="heads = model_dim / D (FlashAttention's setup)")
     p.add_argument("--kv-group", type=int, default=1, help="query heads per key/value head (GQA)")
+    p.add_argument("--tma", action="store_true",
+                   help="also run our TMA descriptor path (provider triton-tma; sm_90 or the interpreter)")
+    p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=None,
+                   help="time only these providers (default: every one available); not for --check")
     p.add_argument("--tokens", type=int, default=16384, help="tokens per batch: B = tokens / S")
     p.add_argument("--doc-min", type=int, default=256, help="shortest packed document")
     p.add_argument("--doc-max", type=int, default=2048, help="longest packed document")

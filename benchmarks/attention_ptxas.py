@@ -10,7 +10,10 @@ flash_attention passes (`aligned` guarantees them): every pointer and every stri
 (`tt.divisibility`), and the sequence length too (a multiple of 16, as training lengths are). Without
 those attributes the compiler must assume scalar, unaligned accesses: no vector loads, no cp.async/TMA,
 and a table that misreports registers and shared memory. ptxas (bundled with Triton, `-v`) reports
-registers per thread and spill bytes; the PTX gives the wgmma shapes (m64nNk16) and any mma.sync.
+registers per thread and spill bytes; the PTX gives the wgmma shapes (m64nNk16) and any mma.sync, and
+whether tiles move by cp.async or by TMA (cp.async.bulk.tensor). The "_tma" kernels are the TMA path
+(flash_attention(tma=True)): their descriptors are made in the kernel, so each program also needs
+`scratch_bytes` of global memory (128 per descriptor), which the compile reports.
 
 A config is kept for a head dim (`choose`) when, with and without segments, it spills nothing,
 fits in one H100/H200 SM's 227 KiB of shared memory, and runs on wgmma with N >= 32 and no mma.sync
@@ -35,17 +38,23 @@ from benchmarks.harness import environment, output_dir, print_table, write_json
 from kernels.attention_bwd import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel
 from kernels.attention_fwd import attn_fwd_kernel
 
-# name -> (autotuned kernel, extra constexprs, candidate (BLOCK_A, BLOCK_B, warps, stages)).
-# fwd/dq: BLOCK_A queries per program, BLOCK_B keys per step; dkdv: BLOCK_A queries per step, BLOCK_B keys.
+# Candidate (BLOCK_A, BLOCK_B, warps, stages) per kernel. fwd/dq: BLOCK_A queries per program, BLOCK_B keys
+# per step; dkdv: BLOCK_A queries per step, BLOCK_B keys per program.
+FWD_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]
+DQ_TILES = [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)]
+DKDV_TILES = [(64, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 1), (32, 128, 8, 2), (32, 128, 8, 1), (64, 64, 4, 3),
+              (16, 128, 8, 3)]
+# name -> (autotuned kernel, extra constexprs, candidates). "_tma": the same kernel with its tiles moved
+# by TMA tensor descriptors (kernels/attention_io.py), which chooses its own list.
 CANDIDATES = {
-    "fwd": (attn_fwd_kernel, {}, [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3),
-                                 (128, 32, 8, 3)]),
-    "dq": (attn_bwd_dq_kernel, {}, [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2),
-                                   (128, 32, 8, 3)]),
-    "dkdv": (attn_bwd_dkdv_kernel, {"FUSED_DQ": False}, [(64, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 1),
-                                                        (32, 128, 8, 2), (32, 128, 8, 1), (64, 64, 4, 3),
-                                                        (16, 128, 8, 3)]),
-    "dkdv_fused": (attn_bwd_dkdv_kernel, {"FUSED_DQ": True}, [(64, 128, 8, 2), (64, 128, 8, 1), (32, 128, 8, 1)]),
+    "fwd": (attn_fwd_kernel, {"TMA": False}, FWD_TILES),
+    "dq": (attn_bwd_dq_kernel, {"TMA": False}, DQ_TILES),
+    "dkdv": (attn_bwd_dkdv_kernel, {"FUSED_DQ": False, "TMA": False}, DKDV_TILES),
+    "dkdv_fused": (attn_bwd_dkdv_kernel, {"FUSED_DQ": True, "TMA": False},
+                   [(64, 128, 8, 2), (64, 128, 8, 1), (32, 128, 8, 1)]),
+    "fwd_tma": (attn_fwd_kernel, {"TMA": True}, FWD_TILES),
+    "dq_tma": (attn_bwd_dq_kernel, {"TMA": True}, DQ_TILES),
+    "dkdv_tma": (attn_bwd_dkdv_kernel, {"FUSED_DQ": False, "TMA": True}, DKDV_TILES),
 }
 FP32_POINTERS = ("LSE", "DELTA", "DQ_ACC")
 INT32_POINTERS = ("SEG", "BOUNDS")
@@ -53,6 +62,8 @@ FLOAT_SCALARS = ("qk_scale", "softmax_scale")
 NOT_DIVISIBLE = ("n_heads", "n_kv_heads", "group")  # head counts: any value
 SMEM_LIMIT_KIB = 227  # usable shared memory per block on H100/H200
 MIN_WGMMA_N = 32  # m64n16 (16-row steps) is the narrowest; the issue drops the 16x32, 32x32, 16x64 tiles
+COLUMNS = ["kernel", "D", "segments", "BLOCK_A", "BLOCK_B", "warps", "stages", "smem_kib", "scratch_bytes", "registers",
+           "spill_bytes", "wgmma", "mma_sync", "cp_async", "tma"]
 
 
 def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
@@ -149,8 +160,8 @@ def compile_row(kernel_name: str, head_dim: int, has_segments: bool, config, dty
                               options=dict(num_warps=warps, num_stages=stages))
     ptx = compiled.asm["ptx"]
     return dict(kernel=kernel_name, D=head_dim, segments=has_segments, BLOCK_A=block_a, BLOCK_B=block_b,
-                warps=warps, stages=stages, smem_kib=compiled.metadata.shared / 1024, **ptxas_usage(ptx, arch),
-                **mma_usage(ptx))
+                warps=warps, stages=stages, smem_kib=compiled.metadata.shared / 1024,
+                scratch_bytes=compiled.metadata.global_scratch_size, **ptxas_usage(ptx, arch), **mma_usage(ptx))
 
 
 def main(argv=None) -> None:
@@ -166,9 +177,7 @@ def main(argv=None) -> None:
     rows = [compile_row(name, head_dim, has_segments, config, args.dtype, args.arch)
             for head_dim in args.head_dims for has_segments in (False, True) for name in args.kernels
             for config in CANDIDATES[name][2]]
-    columns = ["kernel", "D", "segments", "BLOCK_A", "BLOCK_B", "warps", "stages", "smem_kib", "registers",
-               "spill_bytes", "wgmma", "mma_sync", "cp_async", "tma"]
-    print_table(rows, columns, title=f"sm_{args.arch}a {args.dtype}, run-time alignment: registers, spills, MMA")
+    print_table(rows, COLUMNS, title=f"sm_{args.arch}a {args.dtype}, run-time alignment: registers, spills, MMA")
     chosen = choose(rows)
     for kernel, by_dim in chosen.items():
         for head_dim, configs in by_dim.items():
@@ -177,13 +186,15 @@ def main(argv=None) -> None:
     meta = dict(environment(), args=vars(args), chosen=chosen,
                 command=" ".join(["python -m benchmarks.attention_ptxas", *(sys.argv[1:] if argv is None else argv)]))
     print(f"wrote {write_json(out / 'ptxas.json', rows, meta)}")
-    (out / "ptxas.md").write_text(markdown(rows, columns, chosen, args))
+    (out / "ptxas.md").write_text(markdown(rows, COLUMNS, chosen, args))
 
 
 def markdown(rows, columns, chosen, args) -> str:
     lines = [f"# Attention tiles on sm_{args.arch}a ({args.dtype}), compiled with run-time alignment", "",
              "Compile-time figures (ptxas -v and the PTX), not GPU measurements. "
-             "Regenerate: `python -m benchmarks.attention_ptxas --out benchmarks/results/attention-ptxas-sm90`.", "",
+             "Regenerate: `python -m benchmarks.attention_ptxas --out benchmarks/results/attention-ptxas-sm90`. "
+             "Kernels named `*_tma` are the TMA path (`flash_attention(tma=True)`, tiles through tensor descriptors); "
+             "`scratch_bytes` is the global memory each of their programs needs for its descriptors.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(r[c]) for c in columns) + " |" for r in rows]
     lines += ["", "Chosen (kernels/attention_configs.py):", ""]

@@ -5,12 +5,15 @@
 #   bash benchmarks/gpu_suite.sh OUT --dry-run    # list the steps and their commands, run nothing
 #   bash benchmarks/gpu_suite.sh OUT --smoke      # CPU, Triton interpreter, tiny shapes (CI runs this)
 #
-# Steps (GPU): bf16 correctness of attention (fwd/bwd, packed and not, GQA; split and fused backward) and of
-# both CE kernels (with the in-place path) against fp32 references; attention against SDPA flash / cuDNN /
-# efficient, FlexAttention (document mask) and FA2/FA3 where installed; CE and linear CE against torch eager,
-# torch.compile and Liger in bf16 and fp32; train_step tokens/s and MFU of gpu-125m and gpu-1.3b with each
-# kernel choice. Each step writes JSON under OUT/<step>/ and its log to OUT/<step>.log; a failing step is
-# recorded and the suite goes on (a GPU hour measures, not debugs), exiting 1 at the end if any failed.
+# Steps (GPU): bf16 correctness of attention (fwd/bwd, packed and not, GQA; split and fused backward; pointer
+# and TMA-descriptor paths) and of both CE kernels (with the in-place path) against fp32 references;
+# attention against SDPA flash / cuDNN / efficient, FlexAttention (document mask) and FA2/FA3 where installed;
+# our TMA path against our pointer path in a step of its own (attention-tma: its autotuning and any failure
+# stay out of the peer comparison; the summary's ratios give triton-tma ms / triton ms);
+# CE and linear CE against torch eager, torch.compile and Liger in bf16 and fp32; train_step tokens/s and
+# MFU of gpu-125m and gpu-1.3b with each kernel choice. Each step writes JSON under OUT/<step>/ and its log
+# to OUT/<step>.log; a failing step is recorded and the suite goes on (a GPU hour measures, not debugs),
+# exiting 1 at the end if any failed.
 # OUT/summary.md and OUT/summary.json (benchmarks/sm90_report.py) carry device, date, commit and command.
 # Liger-Kernel comes from a carried wheel: bash scripts/fetch_wheels.sh puts it in .whl/ (git-ignored).
 set -uo pipefail
@@ -23,7 +26,7 @@ PY="${PYTHON:-python}"
 if [ "$MODE" = "--smoke" ]; then
     export TRITON_INTERPRET=1
     STEPS=(
-        "attention-check|$PY -m benchmarks.attention --check fp16 --smoke --out $OUT/attention-check"
+        "attention-check|$PY -m benchmarks.attention --check fp16 --smoke --tma --out $OUT/attention-check"
         "ce|$PY benchmarks/cross_entropy.py --smoke --tokens 16 --vocab 256 --providers ours --out $OUT/ce"
         "train|$PY -m benchmarks.sm90_train configs/tiny.toml --smoke --choices triton/triton --out $OUT/train"
     )
@@ -31,10 +34,11 @@ if [ "$MODE" = "--smoke" ]; then
 else
     unset TRITON_INTERPRET
     STEPS=(
-        "attention-check|$PY -m benchmarks.attention --check bf16 --out $OUT/attention-check"
+        "attention-check|$PY -m benchmarks.attention --check bf16 --tma --out $OUT/attention-check"
         "ce-check|$PY benchmarks/cross_entropy.py --check-bf16 --out $OUT/ce-check"
         "attention|$PY -m benchmarks.attention --seq-lens 2048 8192 --head-dims 64 128 --warmup 3 --reps 10 --out $OUT/attention"
         "attention-gqa|$PY -m benchmarks.attention --seq-lens 8192 --head-dims 128 --kv-group 4 --warmup 3 --reps 10 --out $OUT/attention-gqa"
+        "attention-tma|$PY -m benchmarks.attention --seq-lens 2048 8192 --head-dims 64 128 --tma --providers triton triton-tma --warmup 3 --reps 10 --out $OUT/attention-tma"
         "ce-bf16|$PY benchmarks/cross_entropy.py --dtype bf16 --tokens 16384 --vocab 32768 131072 --out $OUT/ce-bf16"
         "ce-fp32|$PY benchmarks/cross_entropy.py --dtype fp32 --tokens 16384 --vocab 32768 131072 --out $OUT/ce-fp32"
         "train-125m|$PY -m benchmarks.sm90_train configs/gpu-125m.toml --warmup 3 --steps 5 --train.batch_size=16 --train.grad_accum=1 --out $OUT/train-125m"

@@ -19,9 +19,12 @@ GQA: a query head h reads key/value head h // (Hq / Hkv) through strides, never 
 dK/dV program of a key/value head loops over the query heads of its group, so it needs no atomics.
 Backward: the deterministic split (dK/dV, then dQ) by default; `fused_backward=True` adds dQ by fp32
 atomics inside the dK/dV kernel instead (kernels/attention_bwd.py says when that may pay).
+Tiles move through pointers by default; `tma=True` moves them through Hopper's TMA tensor descriptors
+(kernels/attention_io.py), opt-in until a GPU measures which is faster.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 
 import torch
@@ -76,13 +79,30 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments) -
                              f"the kernel's row offsets address; split the batch along S or heads")
 
 
-def _check_device(q: torch.Tensor) -> None:
+def _check_device(q: torch.Tensor, tma: bool) -> None:
     """Called where the kernels are about to run on real tensors (inside the ops, so traced code never
-    reads the interpreter setting)."""
+    reads the interpreter setting or the device's capability)."""
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError(f"flash_attention: tensors are on {q.device}; the Triton kernel needs a CUDA device, or "
                            f"TRITON_INTERPRET=1 (Triton's slow CPU interpreter, for tests). On CPU use "
                            f"attention_reference, i.e. the model's attention='torch'")
+    if tma and q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (9, 0):
+        major, minor = torch.cuda.get_device_capability(q.device)
+        raise ValueError(f"flash_attention: tma=True needs TMA (sm_90, Hopper, or newer); {q.device} is "
+                         f"sm_{major}{minor}. Pass tma=False (the pointer path)")
+
+
+def _launch(launch, tma: bool, device: torch.device):
+    """Run `launch()`; with tma, under a Triton allocator giving torch memory on `device`, into which the
+    kernels write the tensor descriptors they make. That is set in a copy of the current context, so the
+    caller's own allocator setting (a context variable) is left as it was."""
+    if not tma:
+        return launch()
+
+    def run():
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+        return launch()
+    return contextvars.copy_context().run(run)
 
 
 def aligned(t: torch.Tensor) -> torch.Tensor:
@@ -110,33 +130,35 @@ def _segment_args(ids: torch.Tensor | None, bounds: torch.Tensor | None, device)
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
                       segment_ids: torch.Tensor | None, bounds: torch.Tensor | None, softmax_scale: float,
-                      out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      out: torch.Tensor | None = None, tma: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the forward kernel. Returns (out (B,S,Hq,D), lse (B,Hq,S) fp32 log2-sum-exp).
 
     segment_ids (B,S) int32 and bounds (B,2,4,S) int32 (`attention_segments`), or both None. `out`, when
-    given, is written in place (every element, padding included).
+    given, is written in place (every element, padding included). tma: tiles through TMA descriptors
+    (inputs `aligned`, 16-byte strides; sm_90).
     """
     B, S, Hq, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
     lse = torch.empty(B, Hq, S, dtype=torch.float32, device=q.device)
     seg, bnd = _segment_args(segment_ids, bounds, q.device)
-    attn_fwd_kernel[lambda meta: launch_grid(B * Hq, S, meta["BLOCK_A"])](
+    _launch(lambda: attn_fwd_kernel[lambda meta: launch_grid(B * Hq, S, meta["BLOCK_A"])](
         q, k, v, out, lse, seg, bnd,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         S, Hq, Hq // k.shape[2], softmax_scale * LOG2E, triton.next_power_of_2(S),
-        HEAD_DIM=D, CAUSAL=causal, HAS_SEGMENTS=segment_ids is not None, DOT_PRECISION=_dot_precision(q.dtype))
+        HEAD_DIM=D, CAUSAL=causal, HAS_SEGMENTS=segment_ids is not None, DOT_PRECISION=_dot_precision(q.dtype),
+        TMA=tma), tma, q.device)
     return out, lse
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, *, causal: bool, segment_ids: torch.Tensor | None,
                        bounds: torch.Tensor | None, softmax_scale: float, fused: bool = False,
-                       grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                       grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, tma: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the backward kernels; returns (dq, dk, dv), written into `grads` when given.
 
     fused=False: delta, dK/dV, dQ (deterministic). fused=True: delta, dK/dV with dQ by fp32 atomics
-    into a (B,Hq,S,D) buffer, then one scale-and-cast into dq.
+    into a (B,Hq,S,D) buffer, then one scale-and-cast into dq. tma as in `attention_forward`.
     """
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -148,19 +170,20 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         out, do, delta, *out.stride()[:3], *do.stride()[:3], S, Hq, HEAD_DIM=D, BLOCK_M=_DELTA_BLOCK_M)
     seg, bnd = _segment_args(segment_ids, bounds, q.device)
     flags = dict(HEAD_DIM=D, CAUSAL=causal, HAS_SEGMENTS=segment_ids is not None,
-                 DOT_PRECISION=_dot_precision(q.dtype))
+                 DOT_PRECISION=_dot_precision(q.dtype), TMA=tma)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
     scales = (softmax_scale * LOG2E, softmax_scale, triton.next_power_of_2(S))
     # The autotuner zeroes DQ_ACC before each timing run (reset_to_zero): unfused, a 1-element dummy.
     dq_acc = torch.zeros(B, Hq, S, D, dtype=torch.float32, device=q.device) if fused else lse.new_zeros(1)
-    attn_bwd_dkdv_kernel[lambda meta: launch_grid(B * Hkv, S, meta["BLOCK_B"])](
+    _launch(lambda: attn_bwd_dkdv_kernel[lambda meta: launch_grid(B * Hkv, S, meta["BLOCK_B"])](
         q, k, v, do, dk, dv, lse, delta, dq_acc, seg, bnd, *strides, *dk.stride()[:3],
-        S, Hkv, Hq // Hkv, *scales, FUSED_DQ=fused, **flags)
+        S, Hkv, Hq // Hkv, *scales, FUSED_DQ=fused, **flags), tma, q.device)
     if fused:
         dq.copy_((dq_acc * softmax_scale).transpose(1, 2))
     else:
-        attn_bwd_dq_kernel[lambda meta: launch_grid(B * Hq, S, meta["BLOCK_A"])](
-            q, k, v, do, dq, lse, delta, seg, bnd, *strides, *dq.stride()[:3], S, Hq, Hq // Hkv, *scales, **flags)
+        _launch(lambda: attn_bwd_dq_kernel[lambda meta: launch_grid(B * Hq, S, meta["BLOCK_A"])](
+            q, k, v, do, dq, lse, delta, seg, bnd, *strides, *dq.stride()[:3], S, Hq, Hq // Hkv, *scales,
+            **flags), tma, q.device)
     return dq, dk, dv
 
 
@@ -169,15 +192,16 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 # ----------------------------------------------------------------------------------------------------
 @torch.library.custom_op("flan::flash_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor | None,
-            bounds: torch.Tensor | None, causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_device(q)
+            bounds: torch.Tensor | None, causal: bool, softmax_scale: float,
+            tma: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_device(q, tma)
     q, k, v = (aligned(t) for t in (q, k, v))
     return attention_forward(q, k, v, causal=causal, segment_ids=segment_ids, bounds=bounds,
-                             softmax_scale=softmax_scale)
+                             softmax_scale=softmax_scale, tma=tma)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, segment_ids, bounds, causal, softmax_scale):
+def _fwd_fake(q, k, v, segment_ids, bounds, causal, softmax_scale, tma):
     B, S, Hq, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, Hq, S, dtype=torch.float32)
 
@@ -185,14 +209,14 @@ def _fwd_fake(q, k, v, segment_ids, bounds, causal, softmax_scale):
 @torch.library.custom_op("flan::flash_attention_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
             lse: torch.Tensor, segment_ids: torch.Tensor | None, bounds: torch.Tensor | None, causal: bool,
-            softmax_scale: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            softmax_scale: float, fused: bool, tma: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     do, q, k, v = (aligned(t) for t in (do, q, k, v))
     return attention_backward(do, q, k, v, out, lse, causal=causal, segment_ids=segment_ids, bounds=bounds,
-                              softmax_scale=softmax_scale, fused=fused)
+                              softmax_scale=softmax_scale, fused=fused, tma=tma)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(do, q, k, v, out, lse, segment_ids, bounds, causal, softmax_scale, fused):
+def _bwd_fake(do, q, k, v, out, lse, segment_ids, bounds, causal, softmax_scale, fused, tma):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
@@ -200,10 +224,11 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: forward saves O and the log-sum-exp; backward recomputes P from them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal: bool, segment_ids, bounds, softmax_scale: float, fused_backward: bool):
-        out, lse = _fwd_op(q, k, v, segment_ids, bounds, causal, softmax_scale)
+    def forward(ctx, q, k, v, causal: bool, segment_ids, bounds, softmax_scale: float, fused_backward: bool,
+                tma: bool):
+        out, lse = _fwd_op(q, k, v, segment_ids, bounds, causal, softmax_scale, tma)
         ctx.save_for_backward(q, k, v, out, lse, segment_ids, bounds)
-        ctx.causal, ctx.softmax_scale, ctx.fused = causal, softmax_scale, fused_backward
+        ctx.causal, ctx.softmax_scale, ctx.fused, ctx.tma = causal, softmax_scale, fused_backward, tma
         return out
 
     @staticmethod
@@ -211,13 +236,13 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, out, lse, segment_ids, bounds = ctx.saved_tensors
         dq, dk, dv = _bwd_op(do, q, k, v, out, lse, segment_ids, bounds, ctx.causal, ctx.softmax_scale,
-                             ctx.fused)
-        return dq, dk, dv, None, None, None, None, None
+                             ctx.fused, ctx.tma)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
                     segment_ids: torch.Tensor | AttentionSegments | None = None, softmax_scale: float | None = None,
-                    fused_backward: bool = False) -> torch.Tensor:
+                    fused_backward: bool = False, tma: bool = False) -> torch.Tensor:
     """Differentiable softmax(q k^T * scale + mask) v without any S x S tensor.
 
     q (B, S, Hq, D), k and v (B, S, Hkv, D) with Hq a multiple of Hkv and D in 32/64/128; one dtype
@@ -226,7 +251,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     many calls): a query sees only keys of its own segment, and padding rows get zero output and zero
     gradients; None (unpacked rows) masks nothing but causality. softmax_scale > 0 defaults to D ** -0.5.
     fused_backward: dQ by fp32 atomics in the dK/dV kernel (not bitwise reproducible); default the
-    deterministic split. Returns (B, S, Hq, D).
+    deterministic split. tma: tiles through TMA tensor descriptors (sm_90 or newer, or the interpreter);
+    default the pointer path, until a GPU measures which is faster. Returns (B, S, Hq, D).
     """
     if segment_ids is not None and not isinstance(segment_ids, AttentionSegments):
         segment_ids = attention_segments(segment_ids, causal)
@@ -238,4 +264,4 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     if not (math.isfinite(scale) and scale > 0):  # the kernels take the row max on unscaled scores
         raise ValueError(f"flash_attention: softmax_scale={softmax_scale} must be finite and > 0")
     ids, bounds = (None, None) if segment_ids is None else (segment_ids.ids, segment_ids.bounds)
-    return FlashAttentionFunction.apply(q, k, v, causal, ids, bounds, scale, bool(fused_backward))
+    return FlashAttentionFunction.apply(q, k, v, causal, ids, bounds, scale, bool(fused_backward), bool(tma))

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention_configs import AUTOTUNE_KEY, autotune_configs, prune_to_head_dim
+from kernels.attention_io import load_rows, rows_source, store_rows
 from kernels.attention_tiles import allowed, tile_ranges
 
 
@@ -39,28 +40,28 @@ def attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_
 
 
 @triton.jit
-def _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, seg_base, stride_qs, stride_dos,
+def _dkdv_steps(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_base, seg_base, stride_qs, stride_dos,
                 offs_n, seg_k, start, end, seq_len, qk_scale,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, FUSED_DQ: tl.constexpr):
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, FUSED_DQ: tl.constexpr,
+                TMA: tl.constexpr):
     """Add the query tiles [start, end) of one query head to a key tile's dK and dV (transposed tiles).
 
-    MASKED=False: every pair allowed and every query row inside S, so nothing is masked. In the masked
-    loop query rows past S load lse = +inf, so their P is exactly 0. FUSED_DQ: also atomically add
-    this tile's dS K into the fp32 dQ rows at dq_base (row stride HEAD_DIM).
+    q_src, do_src: `rows_source`s of the head's queries and output gradients. MASKED=False: every pair
+    allowed and every query row inside S, so nothing is masked. In the masked loop query rows past S
+    load lse = +inf, so their P is exactly 0. FUSED_DQ: also atomically add this tile's dS K into the
+    fp32 dQ rows at dq_base (row stride HEAD_DIM).
     """
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_in = offs_m < seq_len
+        q_t = load_rows(q_src, start_m, stride_qs, seq_len, BLOCK_M, HEAD_DIM, MASKED, True, TMA)
+        do = load_rows(do_src, start_m, stride_dos, seq_len, BLOCK_M, HEAD_DIM, MASKED, False, TMA)
         if MASKED:
-            q_t = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None], mask=rows_in[None, :], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], mask=rows_in[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=rows_in, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=rows_in, other=0.0)
         else:
-            q_t = tl.load(q_base + offs_m[None, :] * stride_qs + offs_d[:, None])
-            do = tl.load(do_base + offs_m[:, None] * stride_dos + offs_d[None, :])
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
         # 1. Recompute P^T = exp2(K Q^T * scale * log2 e - lse) from the saved log-sum-exp (one FMA).
@@ -92,14 +93,15 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, SEG, BOUNDS,
                          stride_dkb, stride_dks, stride_dkh,
                          seq_len, n_kv_heads, group, qk_scale, softmax_scale, SEQ_BUCKET,
                          HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, TMA: tl.constexpr,
                          BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
     """One program = BLOCK_B keys of one (batch, key/value head); writes their dK and dV.
 
     Loops over the `group` query heads that share this key/value head, so dK/dV need no atomics.
     DO has Q's shape, DK and DV K's shape, each with its own strides (DK and DV share theirs).
     DQ_ACC (B,Hq,S,D) fp32 zeros, accumulated into when FUSED_DQ (unscaled). Other arguments as in
-    attn_fwd_kernel. BLOCK_A queries per step, BLOCK_B keys per program. Grid (B*Hkv, key tiles):
+    attn_fwd_kernel (TMA: Q, K, V, dO, dK, dV tiles through descriptors; dQ atomics stay pointers).
+    BLOCK_A queries per step, BLOCK_B keys per program. Grid (B*Hkv, key tiles):
     causal key tile 0 has the most queries, so the natural order is already heaviest first.
     """
     BLOCK_M: tl.constexpr = BLOCK_A
@@ -110,12 +112,11 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, SEG, BOUNDS,
     off_b = (off_bh // n_kv_heads).to(tl.int64)
     off_kvh = (off_bh % n_kv_heads).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     keys_in = offs_n < seq_len
-    k = tl.load(K + off_b * stride_kb + off_kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=keys_in[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                mask=keys_in[:, None], other=0.0)
+    k = load_rows(rows_source(K + off_b * stride_kb + off_kvh * stride_kh, stride_ks, seq_len, BLOCK_N, HEAD_DIM, TMA),
+                  start_n, stride_ks, seq_len, BLOCK_N, HEAD_DIM, True, False, TMA)
+    v = load_rows(rows_source(V + off_b * stride_vb + off_kvh * stride_vh, stride_vs, seq_len, BLOCK_N, HEAD_DIM, TMA),
+                  start_n, stride_vs, seq_len, BLOCK_N, HEAD_DIM, True, False, TMA)
     seg_base = SEG + off_b * seq_len
     seg_k = tl.load(seg_base + offs_n, mask=keys_in, other=0) if HAS_SEGMENTS else offs_n
 
@@ -130,44 +131,42 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, SEG, BOUNDS,
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for g in range(group):
         off_h = off_kvh * group + g
-        off_q = off_b * stride_qb + off_h * stride_qh
-        off_do = off_b * stride_dob + off_h * stride_doh
+        q_src = rows_source(Q + off_b * stride_qb + off_h * stride_qh, stride_qs, seq_len, BLOCK_M, HEAD_DIM, TMA)
+        do_src = rows_source(DO + off_b * stride_dob + off_h * stride_doh, stride_dos, seq_len, BLOCK_M, HEAD_DIM,
+                             TMA)
         off_row = (off_b * n_kv_heads * group + off_h) * seq_len  # (B, Hq, S) index of this head's row 0
         dq_base = DQ_ACC + off_row * HEAD_DIM
-        dk, dv = _dkdv_steps(dk, dv, k, v, Q + off_q, DO + off_do, LSE + off_row, DELTA + off_row, dq_base,
+        dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, LSE + off_row, DELTA + off_row, dq_base,
                              seg_base, stride_qs, stride_dos, offs_n, seg_k, flo, fhi, seq_len, qk_scale,
-                             BLOCK_M, HEAD_DIM, DOT_PRECISION, False, CAUSAL, HAS_SEGMENTS, FUSED_DQ)
-        dk, dv = _dkdv_steps(dk, dv, k, v, Q + off_q, DO + off_do, LSE + off_row, DELTA + off_row, dq_base,
+                             BLOCK_M, HEAD_DIM, DOT_PRECISION, False, CAUSAL, HAS_SEGMENTS, FUSED_DQ, TMA)
+        dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, LSE + off_row, DELTA + off_row, dq_base,
                              seg_base, stride_qs, stride_dos, offs_n, seg_k, lo, flo, seq_len, qk_scale,
-                             BLOCK_M, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, FUSED_DQ)
-        dk, dv = _dkdv_steps(dk, dv, k, v, Q + off_q, DO + off_do, LSE + off_row, DELTA + off_row, dq_base,
+                             BLOCK_M, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, FUSED_DQ, TMA)
+        dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, LSE + off_row, DELTA + off_row, dq_base,
                              seg_base, stride_qs, stride_dos, offs_n, seg_k, fhi, hi, seq_len, qk_scale,
-                             BLOCK_M, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, FUSED_DQ)
-    dkv_offs = off_b * stride_dkb + off_kvh * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
-    tl.store(DK + dkv_offs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=keys_in[:, None])
-    tl.store(DV + dkv_offs, dv.to(DV.dtype.element_ty), mask=keys_in[:, None])
+                             BLOCK_M, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, FUSED_DQ, TMA)
+    dkv_off = off_b * stride_dkb + off_kvh * stride_dkh
+    store_rows(rows_source(DK + dkv_off, stride_dks, seq_len, BLOCK_N, HEAD_DIM, TMA), start_n,
+               (dk * softmax_scale).to(DK.dtype.element_ty), stride_dks, seq_len, BLOCK_N, HEAD_DIM, TMA)
+    store_rows(rows_source(DV + dkv_off, stride_dks, seq_len, BLOCK_N, HEAD_DIM, TMA), start_n,
+               dv.to(DV.dtype.element_ty), stride_dks, seq_len, BLOCK_N, HEAD_DIM, TMA)
 
 
 @triton.jit
-def _dq_steps(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, seg_q, seg_base,
+def _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
               start, end, seq_len, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
-    """Add key tiles [start, end) to one query tile's dQ (scale applied once by the caller)."""
-    offs_d = tl.arange(0, HEAD_DIM)
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, TMA: tl.constexpr):
+    """Add key tiles [start, end) to one query tile's dQ (scale applied once by the caller); k_src, v_src:
+    `rows_source`s of the (batch, key/value head)'s keys and values."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            in_seq = offs_n < seq_len
-            k_t = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-            v_t = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-        else:
-            k_t = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None])
-            v_t = tl.load(v_base + offs_n[None, :] * stride_vs + offs_d[:, None])
+        k_t = load_rows(k_src, start_n, stride_ks, seq_len, BLOCK_N, HEAD_DIM, MASKED, True, TMA)
+        v_t = load_rows(v_src, start_n, stride_vs, seq_len, BLOCK_N, HEAD_DIM, MASKED, True, TMA)
         # 1. P = exp2(Q K^T * scale * log2 e - lse); padding rows have lse = +inf, hence P = 0.
         p = tl.math.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if MASKED:
-            seg_k = tl.load(seg_base + offs_n, mask=in_seq, other=0) if HAS_SEGMENTS else offs_n
+            seg_k = tl.load(seg_base + offs_n, mask=offs_n < seq_len, other=0) if HAS_SEGMENTS else offs_n
             ok = allowed(offs_m[:, None], offs_n[None, :], seg_q[:, None], seg_k[None, :], seq_len,
                          CAUSAL, HAS_SEGMENTS)
             p = tl.where(ok, p, 0.0)
@@ -185,11 +184,12 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEG, BOUNDS,
                        stride_dqb, stride_dqs, stride_dqh,
                        seq_len, n_heads, group, qk_scale, softmax_scale, SEQ_BUCKET,
                        HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_A: tl.constexpr,
+                       BLOCK_B: tl.constexpr):
     """One program = BLOCK_A query rows of one (batch, query head); writes their dQ (DQ shaped like Q).
 
-    Arguments as in attn_fwd_kernel; BLOCK_A query rows per program, BLOCK_B keys per step; grid
-    (B*Hq, query tiles), causal tiles heaviest first.
+    Arguments as in attn_fwd_kernel (TMA: Q, K, V, dO, dQ tiles through descriptors); BLOCK_A query
+    rows per program, BLOCK_B keys per step; grid (B*Hq, query tiles), causal tiles heaviest first.
     """
     BLOCK_M: tl.constexpr = BLOCK_A
     BLOCK_N: tl.constexpr = BLOCK_B
@@ -202,18 +202,19 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEG, BOUNDS,
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     rows_in = offs_m < seq_len
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=rows_in[:, None], other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
-                 mask=rows_in[:, None], other=0.0)
+    q = load_rows(rows_source(Q + off_b * stride_qb + off_h * stride_qh, stride_qs, seq_len, BLOCK_M, HEAD_DIM, TMA),
+                  start_m, stride_qs, seq_len, BLOCK_M, HEAD_DIM, True, False, TMA)
+    do = load_rows(rows_source(DO + off_b * stride_dob + off_h * stride_doh, stride_dos, seq_len, BLOCK_M, HEAD_DIM,
+                               TMA), start_m, stride_dos, seq_len, BLOCK_M, HEAD_DIM, True, False, TMA)
     lse = tl.load(LSE + off_bh.to(tl.int64) * seq_len + offs_m, mask=rows_in, other=float("inf"))
     delta = tl.load(DELTA + off_bh.to(tl.int64) * seq_len + offs_m, mask=rows_in, other=0.0)
     seg_base = SEG + off_b * seq_len
     seg_q = tl.load(seg_base + offs_m, mask=rows_in, other=0) if HAS_SEGMENTS else offs_m
-    k_base = K + off_b * stride_kb + (off_h // group) * stride_kh
-    v_base = V + off_b * stride_vb + (off_h // group) * stride_vh
+    k_src = rows_source(K + off_b * stride_kb + (off_h // group) * stride_kh, stride_ks, seq_len, BLOCK_N,
+                        HEAD_DIM, TMA)
+    v_src = rows_source(V + off_b * stride_vb + (off_h // group) * stride_vh, stride_vs, seq_len, BLOCK_N,
+                        HEAD_DIM, TMA)
 
     plain_hi = tl.minimum(seq_len, start_m + BLOCK_M) if CAUSAL else seq_len
     plain_full_hi = start_m if CAUSAL else seq_len
@@ -221,11 +222,11 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEG, BOUNDS,
                                    BLOCK_N, HAS_SEGMENTS)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-                   flo, fhi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, False, CAUSAL, HAS_SEGMENTS)
-    dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-                   lo, flo, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS)
-    dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-                   fhi, hi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS)
-    dq_offs = off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :]
-    tl.store(DQ + dq_offs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=rows_in[:, None])
+    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
+                   flo, fhi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, False, CAUSAL, HAS_SEGMENTS, TMA)
+    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
+                   lo, flo, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, TMA)
+    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
+                   fhi, hi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, TMA)
+    store_rows(rows_source(DQ + off_b * stride_dqb + off_h * stride_dqh, stride_dqs, seq_len, BLOCK_M, HEAD_DIM, TMA),
+               start_m, (dq * softmax_scale).to(DQ.dtype.element_ty), stride_dqs, seq_len, BLOCK_M, HEAD_DIM, TMA)

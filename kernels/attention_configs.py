@@ -13,6 +13,8 @@ registers without spills, in the 227 KiB of shared memory of one H100/H200 SM, a
 (not mma.sync, nor the narrowest m64n16 from 16-row steps). Which one wins is left to the autotuner on
 the GPU. dK/dV leads with 64 queries x 128 keys on 8 warps, the tile FA2, FA3 and FlexAttention use,
 where it fits: at head dim 64 without software pipelining (num_stages=1); at 128 it spills.
+The TMA path (flash_attention(tma=True)) has lists of its own ("fwd_tma", ...), chosen by the same rule
+from its rows of the table; the autotune key includes TMA, so the two paths tune apart.
 Under Triton's CPU interpreter one small config: tuning there only wastes time; 16 is the smallest
 tile tl.dot accepts.
 """
@@ -31,12 +33,21 @@ GPU_CONFIGS = {
            128: [(128, 64, 8, 2), (128, 32, 8, 3)]},
     "dkdv": {64: [(64, 128, 8, 1), (32, 128, 8, 2), (32, 128, 8, 1)],
              128: [(32, 128, 8, 1)]},
+    # The opt-in TMA path (kernels/attention_io.py), chosen from its own rows of the table: no address
+    # arithmetic frees registers in the forward and dQ (more dQ tiles fit at 128), while dK/dV's TMA
+    # stores and loads cost it the 64 x 128 tile at 64; at 128 (32, 128, 8, 2) spills least (140 bytes).
+    "fwd_tma": {64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+                128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]},
+    "dq_tma": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)],
+               128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]},
+    "dkdv_tma": {64: [(32, 128, 8, 2), (32, 128, 8, 1)],
+                 128: [(32, 128, 8, 2)]},
 }
 INTERPRETER_TILES = {"fwd": (32, 16), "dq": (32, 16), "dkdv": (16, 32)}
 
 # Retune per power-of-two sequence length rather than per exact length, so evaluation batches of many
 # lengths do not each trigger a tuning run.
-AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_SEGMENTS"]
+AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_SEGMENTS", "TMA"]
 
 
 def interpreting() -> bool:
@@ -44,26 +55,28 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def _head_dim_list(kernel: str, head_dim: int) -> list[tuple[int, int, int, int]]:
-    lists = GPU_CONFIGS[kernel]
+def _head_dim_list(kernel: str, head_dim: int, tma: bool) -> list[tuple[int, int, int, int]]:
+    lists = GPU_CONFIGS[f"{kernel}_tma" if tma else kernel]
     return lists.get(head_dim, lists[64])
 
 
 def autotune_configs(kernel: str) -> list[triton.Config]:
-    """triton.Config candidates of one kernel ("fwd", "dq" or "dkdv"): the union over head dims, which
-    `prune_to_head_dim` narrows at launch."""
+    """triton.Config candidates of one kernel ("fwd", "dq" or "dkdv"): the union over head dims and the
+    pointer and TMA lists, which `prune_to_head_dim` narrows at launch."""
     if interpreting():
         chosen = [(*INTERPRETER_TILES[kernel], 1, 1)]
     else:
-        chosen = list(dict.fromkeys(c for configs in GPU_CONFIGS[kernel].values() for c in configs))
+        chosen = list(dict.fromkeys(c for name in (kernel, f"{kernel}_tma") for configs in GPU_CONFIGS[name].values()
+                                    for c in configs))
     return [triton.Config({"BLOCK_A": a, "BLOCK_B": b}, num_warps=w, num_stages=s) for a, b, w, s in chosen]
 
 
 def prune_to_head_dim(kernel: str) -> dict:
-    """The autotuner's `prune_configs_by`: keep the configs chosen for the launch's HEAD_DIM."""
+    """The autotuner's `prune_configs_by`: keep the configs chosen for the launch's HEAD_DIM and path
+    (pointers, or TMA descriptors)."""
     def prune(configs, named_args, **kwargs):
         head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        keep = set(_head_dim_list(kernel, head_dim))
+        keep = set(_head_dim_list(kernel, head_dim, kwargs.get("TMA", named_args.get("TMA", False))))
         return [c for c in configs
                 if (c.kwargs["BLOCK_A"], c.kwargs["BLOCK_B"], c.num_warps, c.num_stages) in keep] or configs
     return {"early_config_prune": prune}

@@ -10,33 +10,29 @@ import triton
 import triton.language as tl
 
 from kernels.attention_configs import AUTOTUNE_KEY, autotune_configs, prune_to_head_dim
+from kernels.attention_io import load_rows, rows_source, store_rows
 from kernels.attention_tiles import allowed, tile_ranges
 
 
 @triton.jit
-def _fwd_steps(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, seg_q, seg_base,
+def _fwd_steps(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
                start, end, seq_len, qk_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr):
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, TMA: tl.constexpr):
     """Fold key tiles [start, end) into the running (acc, l_i, m_i) of one query tile.
 
     MASKED=False is the fast loop: every (query, key) pair of its tiles is allowed, so loads and scores
-    go unmasked. MASKED=True masks causality, segments and the sequence end exactly.
+    go unmasked. MASKED=True masks causality, segments and the sequence end exactly. k_src, v_src:
+    `rows_source`s of the (batch, key/value head)'s keys and values.
     """
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            in_seq = offs_n < seq_len
-            k_t = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=in_seq[None, :], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=in_seq[:, None], other=0.0)
-        else:
-            k_t = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None])
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])
+        k_t = load_rows(k_src, start_n, stride_ks, seq_len, BLOCK_N, HEAD_DIM, MASKED, True, TMA)
+        v = load_rows(v_src, start_n, stride_vs, seq_len, BLOCK_N, HEAD_DIM, MASKED, False, TMA)
         # 1. Raw scores q k^T (fp32); masked pairs become -inf.
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         if MASKED:
-            seg_k = tl.load(seg_base + offs_n, mask=in_seq, other=0) if HAS_SEGMENTS else offs_n
+            seg_k = tl.load(seg_base + offs_n, mask=offs_n < seq_len, other=0) if HAS_SEGMENTS else offs_n
             ok = allowed(offs_m[:, None], offs_n[None, :], seg_q[:, None], seg_k[None, :], seq_len,
                          CAUSAL, HAS_SEGMENTS)
             s = tl.where(ok, s, float("-inf"))
@@ -61,15 +57,18 @@ def attn_fwd_kernel(Q, K, V, O, LSE, SEG, BOUNDS,
                     stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                     seq_len, n_heads, group, qk_scale, SEQ_BUCKET,
                     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_A: tl.constexpr,
+                    BLOCK_B: tl.constexpr):
     """One program = BLOCK_A query rows of one (batch, query head); writes O and the rows' log2-sum-exp.
 
     Q (B,S,Hq,D), K/V (B,S,Hkv,D), O like Q, strides per tensor in elements (last stride 1).
     LSE (B,Hq,S) fp32, in log2 units; +inf for rows that attend to nothing.
     SEG (B,S) int32 segment ids and BOUNDS (B,2,4,S) int32 tile bounds (kernels/attention_tiles.py),
     read if HAS_SEGMENTS. seq_len S; n_heads Hq; group = Hq // Hkv; qk_scale = softmax_scale * log2(e)
-    > 0; SEQ_BUCKET only keys the autotuner. Grid (B*Hq, query tiles); causal tiles run heaviest
-    (last) first, so the longest programs do not trail at the end of the launch.
+    > 0; SEQ_BUCKET only keys the autotuner. TMA: Q, K, V and O tiles move through tensor descriptors
+    (kernels/attention_io.py; sm_90, needs the host's scratch allocator), else through pointers.
+    Grid (B*Hq, query tiles); causal tiles run heaviest (last) first, so the longest programs do not
+    trail at the end of the launch.
     """
     BLOCK_M: tl.constexpr = BLOCK_A
     BLOCK_N: tl.constexpr = BLOCK_B
@@ -81,15 +80,16 @@ def attn_fwd_kernel(Q, K, V, O, LSE, SEG, BOUNDS,
     start_m = tile * BLOCK_M
     off_b = (off_bh // n_heads).to(tl.int64)  # 64-bit: batch offsets can pass 2**31 elements
     off_h = (off_bh % n_heads).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + (off_h // group) * stride_kh
-    v_base = V + off_b * stride_vb + (off_h // group) * stride_vh
+    q_src = rows_source(Q + off_b * stride_qb + off_h * stride_qh, stride_qs, seq_len, BLOCK_M, HEAD_DIM, TMA)
+    k_src = rows_source(K + off_b * stride_kb + (off_h // group) * stride_kh, stride_ks, seq_len, BLOCK_N,
+                        HEAD_DIM, TMA)
+    v_src = rows_source(V + off_b * stride_vb + (off_h // group) * stride_vh, stride_vs, seq_len, BLOCK_N,
+                        HEAD_DIM, TMA)
     seg_base = SEG + off_b * seq_len
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     rows_in = offs_m < seq_len
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows_in[:, None], other=0.0)
+    q = load_rows(q_src, start_m, stride_qs, seq_len, BLOCK_M, HEAD_DIM, True, False, TMA)
     seg_q = tl.load(seg_base + offs_m, mask=rows_in, other=0) if HAS_SEGMENTS else offs_m
 
     # Keys: causally up to the tile's last row; unmasked below the diagonal (causal) or up to the last
@@ -102,15 +102,15 @@ def attn_fwd_kernel(Q, K, V, O, LSE, SEG, BOUNDS,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, seg_q, seg_base,
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
                                flo, fhi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, False, CAUSAL,
-                               HAS_SEGMENTS)
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, seg_q, seg_base,
+                               HAS_SEGMENTS, TMA)
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
                                lo, flo, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL,
-                               HAS_SEGMENTS)
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, seg_q, seg_base,
+                               HAS_SEGMENTS, TMA)
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
                                fhi, hi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL,
-                               HAS_SEGMENTS)
+                               HAS_SEGMENTS, TMA)
 
     # 4. Normalise. Padding rows (segment 0) may have attended to padding keys: they, and any row that
     #    attended to nothing, store exact zeros and an lse of +inf, which zeroes their P in the backward.
@@ -120,7 +120,6 @@ def attn_fwd_kernel(Q, K, V, O, LSE, SEG, BOUNDS,
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    o_base = O + off_b * stride_ob + off_h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=rows_in[:, None])
+    o_dst = rows_source(O + off_b * stride_ob + off_h * stride_oh, stride_os, seq_len, BLOCK_M, HEAD_DIM, TMA)
+    store_rows(o_dst, start_m, out.to(O.dtype.element_ty), stride_os, seq_len, BLOCK_M, HEAD_DIM, TMA)
     tl.store(LSE + off_bh.to(tl.int64) * seq_len + offs_m, lse, mask=rows_in)

@@ -20,9 +20,13 @@ def test_dry_run_lists_the_gpu_steps_and_runs_nothing(tmp_path):
     done = run_suite(tmp_path / "out", "--dry-run")
     assert done.returncode == 0, done.stderr
     steps = [line.split(":", 1)[0] for line in done.stdout.splitlines()]
-    assert steps == ["attention-check", "ce-check", "attention", "attention-gqa", "ce-bf16", "ce-fp32", "train-125m",
-                     "train-1.3b", "report"]
+    assert steps == ["attention-check", "ce-check", "attention", "attention-gqa", "attention-tma", "ce-bf16", "ce-fp32",
+                     "train-125m", "train-1.3b", "report"]
     assert "--check bf16" in done.stdout and "--dtype fp32" in done.stdout and "gpu-1.3b" in done.stdout
+    commands = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    for step in ("attention-check", "attention-tma"):  # the TMA path checked, and timed against the pointer one
+        assert " --tma " in commands[step], step
+    assert "--providers triton triton-tma " in commands["attention-tma"]
     assert not (tmp_path / "out").exists()
 
 
@@ -33,7 +37,8 @@ def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path):
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == ["attention-check", "ce", "train"] and all(s["rc"] == 0 for s in steps)
     check = json.loads((out / "attention-check" / "check_fp16.json").read_text())["rows"]
-    assert {r["provider"] for r in check} == {"triton", "triton-fused-bwd"} and all(r["ok"] for r in check)
+    assert {r["provider"] for r in check} == {"triton", "triton-fused-bwd", "triton-tma"}
+    assert all(r["ok"] for r in check)
     train = json.loads((out / "train" / "train.json").read_text())["rows"]
     assert {r["layout"] for r in train} == {"unpacked", "packed"} and all(r["tokens_per_s"] > 0 for r in train)
     summary = (out / "summary.md").read_text()

@@ -25,15 +25,15 @@ def op_samples():
     q, do = torch.randn(2, 16, 2, 32, generator=gen), torch.randn(2, 16, 2, 32, generator=gen)
     k, v = torch.randn(2, 16, 1, 32, generator=gen), torch.randn(2, 16, 1, 32, generator=gen)
     seg = attention_segments(SEGMENTS)
-    out, lse = torch.ops.flan.flash_attention_fwd(q, k, v, seg.ids, seg.bounds, True, 0.2)
+    out, lse = torch.ops.flan.flash_attention_fwd(q, k, v, seg.ids, seg.bounds, True, 0.2, False)
     logits, target = torch.randn(6, 20, generator=gen), torch.tensor([1, 2, -100, 4, 5, 19])
     hidden, weight = torch.randn(6, 8, generator=gen), torch.randn(20, 8, generator=gen)
     scale = torch.full((1,), 0.25)
     return [
-        (torch.ops.flan.flash_attention_fwd, (q, k, v, seg.ids, seg.bounds, True, 0.2)),
-        (torch.ops.flan.flash_attention_fwd, (q, k, v, None, None, False, 0.2)),
-        (torch.ops.flan.flash_attention_bwd, (do, q, k, v, out, lse, seg.ids, seg.bounds, True, 0.2, False)),
-        (torch.ops.flan.flash_attention_bwd, (do, q, k, v, out, lse, seg.ids, seg.bounds, True, 0.2, True)),
+        (torch.ops.flan.flash_attention_fwd, (q, k, v, seg.ids, seg.bounds, True, 0.2, False)),
+        (torch.ops.flan.flash_attention_fwd, (q, k, v, None, None, False, 0.2, True)),
+        (torch.ops.flan.flash_attention_bwd, (do, q, k, v, out, lse, seg.ids, seg.bounds, True, 0.2, False, False)),
+        (torch.ops.flan.flash_attention_bwd, (do, q, k, v, out, lse, seg.ids, seg.bounds, True, 0.2, True, True)),
         (torch.ops.flan.cross_entropy, (logits, target, scale, -100, 0.1, 1e-3, True)),
         (torch.ops.flan.cross_entropy, (logits, target, scale, -100, 0.0, 0.0, False)),
         (torch.ops.flan.cross_entropy_, (logits.clone(), target, scale, -100, 0.0, 0.0)),

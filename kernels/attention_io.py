@@ -1,0 +1,71 @@
+"""How the attention kernels move (rows, head dim) tiles between global memory and registers.
+
+Two ways, one constexpr switch (TMA) so each kernel keeps one body:
+  * pointers (the default): masked or unmasked `tl.load`/`tl.store` from a base pointer and a row stride;
+    Triton pipelines these with cp.async on Ampere and Hopper;
+  * TMA tensor descriptors (Hopper, sm_90): a descriptor made in the kernel (`tl.make_tensor_descriptor`)
+    over one (batch, head)'s S x HEAD_DIM rows, read and written in BLOCK x HEAD_DIM boxes by the Tensor
+    Memory Accelerator. Rows past S come back as zeros and are not written, so the descriptor does the
+    sequence-end masking itself. Each program writes its descriptors to a small global scratch (128
+    bytes each), which the host provides through `triton.set_allocator` (kernels/attention.py).
+
+Both read and write the same elements, and the interpreter runs either (tests/kernels/test_attention_tma.py).
+The compiled code differs (benchmarks/results/attention-ptxas-sm90/: TMA frees address registers in the
+forward and dQ, costs dK/dV some); which is faster is for a GPU to measure (benchmarks/gpu_suite.sh,
+step attention-tma), so pointers stay the default.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rows_source(base, stride_s, seq_len, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """What `load_rows` and `store_rows` take: `base` (row 0 of one (batch, head), rows `stride_s` apart)
+    itself, or with TMA a tensor descriptor over its seq_len x HEAD_DIM rows in BLOCK-row boxes."""
+    if TMA:
+        src = tl.make_tensor_descriptor(base, shape=[seq_len, HEAD_DIM], strides=[stride_s, 1],
+                                        block_shape=[BLOCK, HEAD_DIM])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def load_rows(src, start, stride_s, seq_len, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+              TRANSPOSED: tl.constexpr, TMA: tl.constexpr):
+    """Rows [start, start + BLOCK) of `src` (`rows_source`) as a (BLOCK, HEAD_DIM) tile, or (HEAD_DIM,
+    BLOCK) when TRANSPOSED. MASKED: rows past seq_len read as zeros (descriptors always do that); unmasked
+    pointer loads are for tiles wholly inside S."""
+    if TMA:
+        tile = src.load([start, 0])
+        if TRANSPOSED:
+            tile = tl.trans(tile)
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        if TRANSPOSED:
+            ptrs = src + offs[None, :] * stride_s + offs_d[:, None]
+            in_seq = (offs < seq_len)[None, :]
+        else:
+            ptrs = src + offs[:, None] * stride_s + offs_d[None, :]
+            in_seq = (offs < seq_len)[:, None]
+        if MASKED:
+            tile = tl.load(ptrs, mask=in_seq, other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def store_rows(dst, start, tile, stride_s, seq_len, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+               TMA: tl.constexpr):
+    """Write the (BLOCK, HEAD_DIM) `tile` over rows [start, start + BLOCK) of `dst` (`rows_source`),
+    rows past seq_len left untouched."""
+    if TMA:
+        dst.store([start, 0], tile)
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_DIM)
+        tl.store(dst + offs[:, None] * stride_s + offs_d[None, :], tile, mask=(offs < seq_len)[:, None])
