@@ -12,6 +12,7 @@ import torch
 
 from engine.batch import Batch
 from engine.config import Config
+from engine.data_files import DataError, report_skipped, text_lines
 from engine.paths import shared_data_dir
 from engine.tokenizer import Tokenizer
 
@@ -20,8 +21,13 @@ def corpus_ids(cfg: Config, tokenizer: Tokenizer, split: str) -> torch.Tensor:
     """Token ids of corpus/<split>.txt, lines joined with EOS at the end of each article paragraph."""
     path = shared_data_dir(cfg.data.data_dir or None) / "corpus" / f"{split}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: corpus split {split!r} is missing from the shared data folder")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise DataError(f"{path}: corpus split {split!r} is missing from the data folder; restore it or point "
+                        "--data.data_dir at a folder holding corpus/train.txt and corpus/valid.txt")
+    skipped: list[str] = []
+    lines = list(text_lines(path, cfg.data.bad_rows, skipped))
+    report_skipped(f"corpus {split}", skipped)
+    if not lines:
+        raise DataError(f"{path}: corpus split {split!r} holds no text; restore the file")
     ids: list[int] = []
     for piece in tokenizer.encode_batch(lines):
         ids.extend(piece)
@@ -33,7 +39,7 @@ def rows_from_ids(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """(n, seq_len + 1) non-overlapping windows; each gives tokens [:-1] and next-token labels [1:]."""
     n = (len(ids) - 1) // seq_len
     if n < 1:
-        raise ValueError(f"corpus has {len(ids)} tokens, fewer than one row of data.seq_len={seq_len}")
+        raise DataError(f"corpus has {len(ids)} tokens, fewer than one row of data.seq_len={seq_len}")
     return torch.stack([ids[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)])
 
 

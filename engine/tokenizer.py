@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import warnings
 from pathlib import Path
 
 import sentencepiece as spm
 
 from engine.config import Config
+from engine.data_files import DataError, bad_row, byte_lines, json_line, report_skipped, text_lines
 from engine.paths import REPO_ROOT, shared_data_dir
 
 # Fixed special ids so that checkpoints and packed batches agree across trained tokenizers.
@@ -166,17 +168,42 @@ def training_files(cfg: Config) -> list[Path]:
     return [corpus] + sorted(data.glob("*/train.jsonl"))
 
 
-def _text_lines(path: Path):
-    """Plain lines of a .txt file, or every string value of each JSONL row."""
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if path.suffix == ".jsonl":
-                row = json.loads(line)
-                for value in row.values():
-                    if isinstance(value, str) and value.strip():
-                        yield value.strip()
-            elif line.strip():
-                yield line.strip()
+def _text_lines(path: Path, bad_rows: str, skipped: list[str]):
+    """Plain lines of a .txt file, or every string value of each JSONL row; a bad line is reported by file and
+    line (or skipped and recorded, as data.bad_rows says)."""
+    if path.suffix != ".jsonl":
+        yield from text_lines(path, bad_rows, skipped)
+        return
+    for lineno, line in byte_lines(path):
+        row, problem = json_line(line)
+        if problem == "blank":
+            continue
+        if problem is None and not isinstance(row, dict):
+            problem = f"a row must be a JSON object, got {type(row).__name__}"
+        if problem:
+            bad_row(path, lineno(), problem, bad_rows, skipped)
+            continue
+        for value in row.values():
+            if isinstance(value, str) and value.strip():
+                yield value.strip()
+
+
+def training_lines(cfg: Config) -> list[str]:
+    """Every line the tokenizer may sample from, with skipped rows and empty files reported (an empty corpus
+    is an error, an empty dataset file a warning naming it)."""
+    lines = []
+    for path in training_files(cfg):
+        skipped: list[str] = []
+        before = len(lines)
+        lines.extend(_text_lines(path, cfg.data.bad_rows, skipped))
+        report_skipped("tokenizer training", skipped)
+        if len(lines) == before:
+            if path.suffix != ".jsonl":
+                raise DataError(f"{path}: the pretraining corpus holds no text; restore it or point "
+                                "--data.data_dir at a folder with corpus/train.txt")
+            warnings.warn(f"{path}: dataset {path.parent.name}'s train split holds no text; the tokenizer is "
+                          "trained without it", stacklevel=2)
+    return lines
 
 
 def cached_model_path(cfg: Config) -> Path:
@@ -198,7 +225,7 @@ def train_tokenizer(cfg: Config) -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [line for path in training_files(cfg) for line in _text_lines(path)]
+    lines = training_lines(cfg)
     rng = random.Random(cfg.train.seed)
     if len(lines) > cfg.data.tokenizer_sentences:
         lines = rng.sample(lines, cfg.data.tokenizer_sentences)
