@@ -174,22 +174,28 @@ class StreamingCorpus:
         return torch.tensor(ids, dtype=torch.int64)
 
     def _next_row(self) -> torch.Tensor:
-        """The row at (epoch, shard, row), moving on to the next shard (and epoch) as one runs out."""
-        empty_epochs = 0
+        """The row at (epoch, shard, row); the position then moves on, to the next shard (and epoch) when this
+        one is used up, so that the saved position is always the next row's."""
+        empty = 0
         while True:
-            mine = self._my_shards(self.epoch)
             if self._rows is None:
-                self._rows = self._shard_rows(mine[self.shard])
+                self._rows = self._shard_rows(self._my_shards(self.epoch)[self.shard])
             if self.row < len(self._rows):
+                row = self._rows[self.row]
                 self.row += 1
-                return self._rows[self.row - 1]
-            self.shard, self.row, self._rows = self.shard + 1, 0, None
-            if self.shard == len(mine):
-                self.epoch, self.shard = self.epoch + 1, 0
-                empty_epochs += 1
-                if empty_epochs > 1:
-                    raise DataError(f"--data.corpus={self.pattern}: rank {self.rank}'s shards hold "
-                                    f"no row of data.seq_len={self.seq_len} + 1 tokens; add text or shorten rows")
+                if self.row == len(self._rows):
+                    self._next_shard()
+                return row
+            self._next_shard()  # a shard shorter than one row
+            empty += 1
+            if empty > len(self.shards):
+                raise DataError(f"--data.corpus={self.pattern}: rank {self.rank}'s shards hold no row of "
+                                f"data.seq_len={self.seq_len} + 1 tokens; add text or shorten rows")
+
+    def _next_shard(self) -> None:
+        self.shard, self.row, self._rows = self.shard + 1, 0, None
+        if self.shard == len(self._my_shards(self.epoch)):
+            self.epoch, self.shard = self.epoch + 1, 0
 
     def next_batch(self) -> Batch:
         return rows_to_batch(torch.stack([self._next_row() for _ in range(self.batch_size // self.size)]))
