@@ -24,9 +24,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm import tqdm
 
+from engine.data_files import BAD_ROWS, bad_row, byte_lines, json_line
 from flan.loaders import DataError, row_problem
 from flan.registry import TaskSpec
 from flan.sources import MapError, is_unlabelled, map_row
@@ -85,6 +87,10 @@ def _open_local(spec: TaskSpec, from_dir: Path, hub_split: str):
                 ds = datasets.load_from_disk(str(base / hub_split))
                 return ds, ds.column_names, ds._fingerprint, str(base / hub_split)
             files = _split_files(base, hub_split)
+            if files and files[0].suffix != ".parquet" and all(_json_lines_file(f) for f in files):
+                rows = JsonLines(files)
+                return rows, list(next((r for r in rows if isinstance(r, dict)), {})), _files_fingerprint(files), \
+                    str(files[0].parent)
             if files:
                 builder = "parquet" if files[0].suffix == ".parquet" else "json"
                 ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
@@ -92,6 +98,55 @@ def _open_local(spec: TaskSpec, from_dir: Path, hub_split: str):
                 columns = list(ds.features) if ds.features else list(next(iter(ds), {}))
                 return ds, columns, _files_fingerprint(files), str(files[0].parent)
     return None
+
+
+def _json_lines_file(path: Path) -> bool:
+    """Whether a .json/.jsonl file holds one object per line (the hub's JSON files do; a JSON array does not)."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    return not head.startswith(b"[")
+
+
+class JsonLines:
+    """The rows of local JSON Lines files, read here rather than by `datasets` so that a truncated or non-UTF-8
+    line is named by file and line (a BadLine), and with bad_rows=skip only that line is left out."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __iter__(self):
+        for path in self.files:
+            for lineno, line in byte_lines(path):
+                row, problem = json_line(line)
+                if problem == "blank":
+                    continue
+                if problem is None and not isinstance(row, dict):
+                    problem = f"a row must be a JSON object, got {type(row).__name__}"
+                yield BadLine(path, lineno(), problem) if problem else row
+
+
+class BadLine(NamedTuple):
+    """A line of a local file that holds no row, and why."""
+
+    path: Path
+    lineno: int
+    problem: str
+
+
+def _hub_rows(ds, spec: TaskSpec, split: str, where: str):
+    """The rows of an opened hub split; a failure of `datasets` to read its files (a damaged parquet file, a
+    malformed JSON array) becomes one error naming the dataset, split and files."""
+    it = iter(ds)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # pyarrow and datasets raise their own classes for a file they cannot read
+            raise DataError(f"dataset {spec.name}, split {split}: reading {where} failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''}); restore the files or fetch "
+                            "them again") from None
+        yield row
 
 
 def _local_splits(spec: TaskSpec, from_dir: Path) -> list[str]:
@@ -158,14 +213,21 @@ def _write_split(spec: TaskSpec, split: str, opened: list, path: Path, max_rows,
                  progress: bool) -> dict:
     label_field = spec.labels.field if spec.labels else spec.choices.label_field if spec.choices else None
     rows = skipped = unlabelled = 0
+    bad_lines: list[str] = []
     tmp = path.with_suffix(".jsonl.tmp")
     with tmp.open("w", encoding="utf-8") as out, \
             tqdm(desc=f"{spec.name} {split}", unit=" rows", disable=not progress, leave=False) as bar:
         for (ds, _, _, where), hub_split in opened:
-            for i, hub_row in enumerate(ds):
+            for i, hub_row in enumerate(_hub_rows(ds, spec, split, where)):
                 if max_rows is not None and rows >= max_rows:
                     break
                 bar.update()
+                if isinstance(hub_row, BadLine):
+                    if bad_rows != "skip":
+                        tmp.unlink()
+                    bad_row(*hub_row, bad_rows, bad_lines)  # raises unless bad_rows="skip"
+                    skipped += 1
+                    continue
                 try:
                     if is_unlabelled(spec.origin, label_field, hub_row):
                         unlabelled += 1
@@ -196,7 +258,7 @@ def prepare(spec: TaskSpec, *, out_dir: Path, from_dir: Path | None = None, max_
         raise DataError(f"dataset {spec.name}: no usable hub copy ({src.no_hub})")
     if max_rows is not None and max_rows < 1:
         raise DataError(f"--max-rows={max_rows}: give at least 1 (or leave it out for every row)")
-    if bad_rows not in ("error", "skip"):
+    if bad_rows not in BAD_ROWS:
         raise DataError(f"--data.bad_rows={bad_rows!r}; use 'error' or 'skip'")
     folder = Path(out_dir) / spec.data
     manifest_path = folder / MANIFEST

@@ -2,6 +2,7 @@
 command reads (dataset rows, the corpus, the tokenizer's sources) stops it with one line naming file and line,
 or is skipped and counted with --data.bad_rows=skip; an empty validation file is an error naming the dataset,
 an empty train file a warning naming it. Each case runs on a copy of a few shared datasets."""
+import json
 import shutil
 from pathlib import Path
 
@@ -107,3 +108,24 @@ def test_an_empty_train_file_is_a_warning_naming_the_dataset(data, tokenizer):
     assert f"{data / 'copa' / 'train.jsonl'}: dataset copa has an empty train split" in err
     left_out = next(line for line in out.splitlines() if line.startswith("eligible but without local train data"))
     assert "copa" in left_out.split(": ", 1)[1].split(", ")
+
+
+def test_prepare_names_a_bad_line_of_a_local_copy_and_skip_counts_it(data, tmp_path):
+    """A hub-layout JSON Lines copy of CB with one truncated row: `datasets` would fail on the whole file."""
+    copy = tmp_path / "hub" / "super_glue" / "cb"
+    copy.mkdir(parents=True)
+    rows = [json.loads(line) for line in (data / "cb" / "train.jsonl").read_text().splitlines()[:6]]
+    lines = [json.dumps({"premise": r["premise"], "hypothesis": r["hypothesis"], "idx": i,
+                         "label": ["entailment", "contradiction", "neutral"].index(r["label"])})
+             for i, r in enumerate(rows)]
+    lines[3] = lines[3][:25]
+    (copy / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (copy / "validation.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    prepare = ["data", "prepare", "cb", "--from", str(tmp_path / "hub"), "--out", str(tmp_path / "out")]
+    rc, _, err = flan(*prepare)
+    assert rc == 1
+    one_error_line(err, f"{copy / 'train.jsonl'}:4:", "not valid JSON", "--data.bad_rows=skip")
+    assert not (tmp_path / "out" / "cb" / "train.jsonl").exists()
+    rc, out, err = flan(*prepare, "--data.bad_rows=skip")
+    assert rc == 0, err
+    assert "train 5 (+1 bad rows skipped), validation 3" in out
