@@ -7,7 +7,9 @@ named by the task's [source] table (flan/sources.py). A local copy is looked for
 from_dir/<hub name>, from_dir/<task name>, then from_dir itself, holding either what `save_to_disk` wrote
 (dataset_dict.json, or one folder per split) or parquet / JSON files in the hub's layout:
 <config>/<split>/*.parquet, <config>/<split>-*.parquet, <split>/*.parquet, data/<split>-*.parquet (the
-same with .json / .jsonl). Rows are streamed, never loaded whole.
+same with .json / .jsonl). Rows are streamed, never loaded whole. JSON Lines files are read here line by line
+(not by `datasets`, which fails on a whole file for one bad line), so that a truncated or non-UTF-8 line is
+named by file and line, or skipped and counted.
 
 Every hub row is mapped onto the task's fields and checked (flan/loaders.row_problem): a bad row stops with
 an error naming dataset, split and row, or with bad_rows="skip" is left out and counted. Rows the hub keeps
