@@ -30,6 +30,11 @@ def corpus_ids(cfg: Config, tokenizer: Tokenizer, split: str) -> torch.Tensor:
     report_skipped(f"corpus {split}", skipped)
     if not lines:
         raise DataError(f"{path}: corpus split {split!r} holds no text; restore the file")
+    return encode_lines(tokenizer, lines)
+
+
+def encode_lines(tokenizer: Tokenizer, lines: list[str]) -> torch.Tensor:
+    """The token ids of each line followed by EOS, concatenated."""
     ids: list[int] = []
     for piece in tokenizer.encode_batch(lines):
         ids.extend(piece)

@@ -25,8 +25,8 @@ import torch
 
 from engine.batch import Batch
 from engine.config import Config
-from engine.corpus import rows_to_batch, windows
-from engine.data_files import DataError, bad_row, byte_lines, json_line, report_skipped, text_lines
+from engine.corpus import encode_lines, rows_to_batch, windows
+from engine.data_files import DataError, bad_row, json_rows, report_skipped, text_lines
 from engine.data_source import rank_rows
 from engine.paths import shared_data_dir
 from engine.tokenizer import Tokenizer
@@ -83,14 +83,10 @@ def shard_texts(shard: Shard, bad_rows: str, skipped: list[str]):
         yield from text_lines(shard.path, bad_rows, skipped, shard.start, shard.end)
         return
     if shard.kind == "jsonl":
-        for lineno, line in byte_lines(shard.path, shard.start, shard.end):
-            row, problem = json_line(line)
-            if problem == "blank":
-                continue
-            if problem is None:
-                problem = _text_problem(row)
-            if problem:
-                bad_row(shard.path, lineno(), problem, bad_rows, skipped)
+        for lineno, row in json_rows(shard.path, bad_rows, skipped, shard.start, shard.end):
+            if not isinstance(row.get("text"), str):
+                why = "no `text` field" if "text" not in row else f"`text` is {type(row['text']).__name__}"
+                bad_row(shard.path, lineno(), f"{why}; a corpus row is {{\"text\": \"...\"}}", bad_rows, skipped)
             elif row["text"].strip():
                 yield row["text"].strip()
         return
@@ -107,14 +103,6 @@ def shard_texts(shard: Shard, bad_rows: str, skipped: list[str]):
                     skipped)
         elif text.strip():
             yield text.strip()
-
-
-def _text_problem(row) -> str | None:
-    if not isinstance(row, dict):
-        return f"a row must be a JSON object with a `text` field, got {type(row).__name__}"
-    if not isinstance(row.get("text"), str):
-        return "no string `text` field" if "text" not in row else f"`text` is {type(row['text']).__name__}"
-    return None
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -162,16 +150,9 @@ class StreamingCorpus:
         shard = self.shards[index]
         texts = list(shard_texts(shard, self.bad_rows, skipped))
         report_skipped(f"data.corpus shard {shard.path}@{shard.start}", skipped)
-        rows = windows(self.tokens(texts), self.seq_len)
+        rows = windows(encode_lines(self.tokenizer, texts), self.seq_len)
         gen = torch.Generator().manual_seed((self.seed * 1000003 + self.epoch) * 1000003 + index)
         return rows[torch.randperm(len(rows), generator=gen)]
-
-    def tokens(self, texts: list[str]) -> torch.Tensor:
-        ids: list[int] = []
-        for piece in self.tokenizer.encode_batch(texts):
-            ids.extend(piece)
-            ids.append(self.tokenizer.eos_id)
-        return torch.tensor(ids, dtype=torch.int64)
 
     def _next_row(self) -> torch.Tensor:
         """The row at (epoch, shard, row); the position then moves on, to the next shard (and epoch) when this
@@ -203,14 +184,15 @@ class StreamingCorpus:
     def val_batches(self, n: int) -> list[Batch]:
         """This rank's block of each of the first n global batches of the validation files (data.corpus_valid,
         or the shared corpus/valid.txt), read in file order only as far as those batches need."""
-        b, skipped, ids = self.batch_size, [], []
+        b, skipped, pieces, tokens = self.batch_size, [], [], 0
         shards = corpus_shards(self.valid, None, "data.corpus_valid")
         for text in (t for shard in shards for t in shard_texts(shard, self.bad_rows, skipped)):
-            if len(ids) > n * b * self.seq_len:
+            if tokens > n * b * self.seq_len:
                 break
-            ids.extend(self.tokenizer.encode(text) + [self.tokenizer.eos_id])
+            pieces.append(encode_lines(self.tokenizer, [text]))
+            tokens += len(pieces[-1])
         report_skipped("data.corpus_valid", skipped)
-        rows = windows(torch.tensor(ids, dtype=torch.int64), self.seq_len)
+        rows = windows(torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64), self.seq_len)
         if len(rows) < b:
             raise DataError(f"--data.corpus_valid={self.valid}: fewer than train.batch_size={b} validation rows of "
                             f"data.seq_len={self.seq_len} + 1 tokens; point it at more text, or set --train.val_every=0")

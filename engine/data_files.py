@@ -4,6 +4,7 @@ parses a JSON row and applies `data.bad_rows` (error, or skip and count).
     skipped = []
     for text in text_lines(path, "skip", skipped): ...          # a .txt file's non-empty lines
     for lineno, raw in byte_lines(path, start, end): ...        # raw lines of a byte range; lineno() when reported
+    for lineno, row in json_rows(path, "error", skipped): ...   # the JSON objects of a JSON Lines file
     obj, problem = json_line(raw)                               # (row, None) or (None, "not valid JSON ...")
     bad_row(path, lineno(), problem, bad_rows, skipped)         # raise DataError, or record and go on
     report_skipped("dataset cb train", skipped)                 # one warning with the count, if any
@@ -77,6 +78,21 @@ def byte_lines(path: Path, start: int = 0, end: int | None = None):
                 break
             yield (lambda i=index: line_number(path, first) + i), line
             index += 1
+
+
+def json_rows(path: Path, bad_rows: str, skipped: list[str], start: int = 0, end: int | None = None):
+    """(line number callable, row) of each JSON object line of a JSON Lines file (or a byte range of it, as
+    byte_lines reads it); blank lines are passed over, any other line is a bad row."""
+    for lineno, line in byte_lines(path, start, end):
+        row, problem = json_line(line)
+        if problem == "blank":
+            continue
+        if problem is None and not isinstance(row, dict):
+            problem = f"a row must be a JSON object, got {type(row).__name__}"
+        if problem:
+            bad_row(path, lineno(), problem, bad_rows, skipped)
+        else:
+            yield lineno, row
 
 
 def text_lines(path: Path, bad_rows: str, skipped: list[str], start: int = 0, end: int | None = None):

@@ -21,7 +21,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from engine.config import Config
-from engine.data_files import DataError, bad_row, byte_lines, json_line, report_skipped, text_lines
+from engine.data_files import DataError, json_rows, report_skipped, text_lines
 from engine.paths import REPO_ROOT, MissingDataError, shared_data_dir
 
 # Fixed special ids so that checkpoints and packed batches agree across trained tokenizers.
@@ -192,15 +192,7 @@ def training_files(cfg: Config) -> list[Path]:
 def _dataset_lines(path: Path, bad_rows: str, skipped: list[str]):
     """Every string value of each row of a dataset's JSONL file; a bad line is reported by file and line (or
     skipped and recorded, as data.bad_rows says)."""
-    for lineno, line in byte_lines(path):
-        row, problem = json_line(line)
-        if problem == "blank":
-            continue
-        if problem is None and not isinstance(row, dict):
-            problem = f"a row must be a JSON object, got {type(row).__name__}"
-        if problem:
-            bad_row(path, lineno(), problem, bad_rows, skipped)
-            continue
+    for _, row in json_rows(path, bad_rows, skipped):
         for value in row.values():
             if isinstance(value, str) and value.strip():
                 yield value.strip()

@@ -26,11 +26,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 from tqdm import tqdm
 
-from engine.data_files import BAD_ROWS, bad_row, byte_lines, json_line
+from engine.data_files import BAD_ROWS, json_rows
 from flan.loaders import DataError, row_problem
 from flan.registry import TaskSpec
 from flan.sources import MapError, is_unlabelled, map_row
@@ -72,7 +71,7 @@ def _files_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _open_local(spec: TaskSpec, from_dir: Path, hub_split: str):
+def _open_local(spec: TaskSpec, from_dir: Path, hub_split: str, bad_rows: str):
     """(rows iterable, column names, fingerprint, where) of one hub split of a local copy, or None."""
     import datasets
 
@@ -90,9 +89,8 @@ def _open_local(spec: TaskSpec, from_dir: Path, hub_split: str):
                 return ds, ds.column_names, ds._fingerprint, str(base / hub_split)
             files = _split_files(base, hub_split)
             if files and files[0].suffix != ".parquet" and all(_json_lines_file(f) for f in files):
-                rows = JsonLines(files)
-                return rows, list(next((r for r in rows if isinstance(r, dict)), {})), _files_fingerprint(files), \
-                    str(files[0].parent)
+                rows = JsonLines(files, bad_rows)
+                return rows, list(next(iter(rows), {})), _files_fingerprint(files), str(files[0].parent)
             if files:
                 builder = "parquet" if files[0].suffix == ".parquet" else "json"
                 ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
@@ -111,28 +109,16 @@ def _json_lines_file(path: Path) -> bool:
 
 class JsonLines:
     """The rows of local JSON Lines files, read here rather than by `datasets` so that a truncated or non-UTF-8
-    line is named by file and line (a BadLine), and with bad_rows=skip only that line is left out."""
+    line is named by file and line, and with bad_rows=skip only that line is left out (recorded in `skipped`)."""
 
-    def __init__(self, files: list[Path]):
-        self.files = files
+    def __init__(self, files: list[Path], bad_rows: str):
+        self.files, self.bad_rows, self.skipped = files, bad_rows, []
 
     def __iter__(self):
+        self.skipped = []
         for path in self.files:
-            for lineno, line in byte_lines(path):
-                row, problem = json_line(line)
-                if problem == "blank":
-                    continue
-                if problem is None and not isinstance(row, dict):
-                    problem = f"a row must be a JSON object, got {type(row).__name__}"
-                yield BadLine(path, lineno(), problem) if problem else row
-
-
-class BadLine(NamedTuple):
-    """A line of a local file that holds no row, and why."""
-
-    path: Path
-    lineno: int
-    problem: str
+            for _, row in json_rows(path, self.bad_rows, self.skipped):
+                yield row
 
 
 def _hub_rows(ds, spec: TaskSpec, split: str, where: str):
@@ -144,6 +130,8 @@ def _hub_rows(ds, spec: TaskSpec, split: str, where: str):
             row = next(it)
         except StopIteration:
             return
+        except DataError:  # a bad line of a local JSON Lines file (JsonLines), already named by file and line
+            raise
         except Exception as e:  # pyarrow and datasets raise their own classes for a file they cannot read
             raise DataError(f"dataset {spec.name}, split {split}: reading {where} failed ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160] if str(e) else ''}); restore the files or fetch "
@@ -183,10 +171,10 @@ def _open_hub(spec: TaskSpec, hub_split: str):
     return ds, columns, src.revision or "main", f"hf://{src.hub}" + (f"/{src.config}" if src.config else "")
 
 
-def _open(spec: TaskSpec, hub_split: str, from_dir: Path | None):
+def _open(spec: TaskSpec, hub_split: str, from_dir: Path | None, bad_rows: str):
     if from_dir is None:
         return _open_hub(spec, hub_split)
-    opened = _open_local(spec, from_dir, hub_split)
+    opened = _open_local(spec, from_dir, hub_split, bad_rows)
     if opened is None:
         found = _local_splits(spec, from_dir)
         where = ", ".join(str(r) for r in _roots(spec, from_dir)) or str(from_dir)
@@ -215,39 +203,37 @@ def _write_split(spec: TaskSpec, split: str, opened: list, path: Path, max_rows,
                  progress: bool) -> dict:
     label_field = spec.labels.field if spec.labels else spec.choices.label_field if spec.choices else None
     rows = skipped = unlabelled = 0
-    bad_lines: list[str] = []
     tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as out, \
-            tqdm(desc=f"{spec.name} {split}", unit=" rows", disable=not progress, leave=False) as bar:
-        for (ds, _, _, where), hub_split in opened:
-            for i, hub_row in enumerate(_hub_rows(ds, spec, split, where)):
-                if max_rows is not None and rows >= max_rows:
-                    break
-                bar.update()
-                if isinstance(hub_row, BadLine):
-                    if bad_rows != "skip":
-                        tmp.unlink()
-                    bad_row(*hub_row, bad_rows, bad_lines)  # raises unless bad_rows="skip"
-                    skipped += 1
-                    continue
-                try:
-                    if is_unlabelled(spec.origin, label_field, hub_row):
-                        unlabelled += 1
-                        continue
-                    row = map_row(spec, hub_row)
-                    problem = row_problem(spec, row)
-                except MapError as e:
-                    problem = str(e)
-                if problem is None:
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    rows += 1
-                elif bad_rows == "skip":
-                    skipped += 1
-                else:
-                    tmp.unlink()
-                    raise DataError(f"dataset {spec.name}, split {split} (hub split {hub_split} in {where}), row {i}: "
-                                    f"{problem}; fix the [source] table of {spec.source.name}, or set "
-                                    "--data.bad_rows=skip to skip and count bad rows")
+    try:
+        with tmp.open("w", encoding="utf-8") as out, \
+                tqdm(desc=f"{spec.name} {split}", unit=" rows", disable=not progress, leave=False) as bar:
+            for (ds, _, _, where), hub_split in opened:
+                for i, hub_row in enumerate(_hub_rows(ds, spec, split, where)):
+                    if max_rows is not None and rows >= max_rows:
+                        break
+                    bar.update()
+                    try:
+                        if is_unlabelled(spec.origin, label_field, hub_row):
+                            unlabelled += 1
+                            continue
+                        row = map_row(spec, hub_row)
+                        problem = row_problem(spec, row)
+                    except MapError as e:
+                        problem = str(e)
+                    if problem is None:
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        rows += 1
+                    elif bad_rows == "skip":
+                        skipped += 1
+                    else:
+                        raise DataError(f"dataset {spec.name}, split {split} (hub split {hub_split} in {where}), row "
+                                        f"{i}: {problem}; fix the [source] table of {spec.source.name}, or set "
+                                        "--data.bad_rows=skip to skip and count bad rows")
+                if isinstance(ds, JsonLines):
+                    skipped += len(ds.skipped)  # lines that held no row
+    except DataError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)  # a split file exists only once complete
     return {"rows": rows, "skipped": skipped, "unlabelled": unlabelled, "sha256": _sha256(path)}
 
@@ -267,7 +253,7 @@ def prepare(spec: TaskSpec, *, out_dir: Path, from_dir: Path | None = None, max_
     if folder.exists() and any(folder.iterdir()) and not manifest_path.is_file():
         raise DataError(f"{folder}: holds files that `flan data prepare` did not write; it never overwrites them: "
                         "choose another --out or move them away")
-    opened = {split: [(_open(spec, h, Path(from_dir) if from_dir else None), h) for h in hubs]
+    opened = {split: [(_open(spec, h, Path(from_dir) if from_dir else None, bad_rows), h) for h in hubs]
               for split, hubs in src.splits.items()}
     for split, items in opened.items():
         for (_, columns, _, where), hub_split in items:
