@@ -130,9 +130,10 @@ class DataConfig:
     tokenizer_sentences: int = 200000
     """Maximum sentences SentencePiece samples when training."""
     corpus: str = ""
-    """Pretraining text streamed from files: a glob of .txt, .jsonl or .parquet files (a `text` field/column),
-    read in a seeded shard order, sharded over data-parallel ranks (engine/corpus_stream.py); empty means the
-    shared corpus/train.txt, held in memory. The trained tokenizer samples from it too."""
+    """Pretraining text streamed from files: a glob (relative to the working directory) of .txt, .jsonl or
+    .parquet files (a `text` field/column), read in a seeded shard order, sharded over data-parallel ranks
+    (engine/corpus_stream.py); empty means the shared corpus/train.txt, held in memory. The trained tokenizer
+    samples from it too."""
     corpus_valid: str = ""
     """Validation text for a streamed data.corpus (a glob, read in file order); empty: the shared corpus/valid.txt."""
     corpus_shard_mb: float = 8.0

@@ -195,7 +195,8 @@ class StreamingCorpus:
         rows = windows(torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64), self.seq_len)
         if len(rows) < b:
             raise DataError(f"--data.corpus_valid={self.valid}: fewer than train.batch_size={b} validation rows of "
-                            f"data.seq_len={self.seq_len} + 1 tokens; point it at more text, or set --train.val_every=0")
+                            f"data.seq_len={self.seq_len} + 1 tokens; point it at more text, or set "
+                            "--train.val_every=0")
         return [rank_rows(rows_to_batch(rows[i * b:(i + 1) * b]), self.rank, self.size)
                 for i in range(min(n, len(rows) // b))]
 

@@ -36,11 +36,12 @@ for module in (engine, flan, kernels):
 assert str(TEMPLATES_DIR).startswith(sys.argv[1]), f"templates read from {TEMPLATES_DIR}, not the wheel"
 EOF
 # The wheel's registry and templates must be the repo's: every dataset, each with all its templates.
-keys='import json, sys; print(json.dumps([[d[k] for k in ("name", "cluster", "kind", "templates")] for d in json.load(sys.stdin)]))'
+keys='import json, sys
+print(json.dumps([[d[k] for k in ("name", "cluster", "kind", "templates")] for d in json.load(sys.stdin)]))'
 theirs="$(run "$work/venv/bin/flan" data tasks --json)"
 ours="$(cd "$repo" && python -m flan data tasks --json)"
 if [[ "$(python -c "$keys" <<< "$theirs")" != "$(python -c "$keys" <<< "$ours")" ]]; then
-    echo "check_wheel: FAILED: flan data tasks from the wheel differs from the repo's (datasets or templates missing)" >&2
+    echo "check_wheel: FAILED: flan data tasks from the wheel differs from the repo's (tasks or templates missing)" >&2
     exit 1
 fi
 summary="$(run "$work/venv/bin/flan" data tasks | tail -n 1)"

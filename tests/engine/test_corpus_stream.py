@@ -98,11 +98,14 @@ def test_text_jsonl_and_parquet_of_the_same_records_give_the_same_stream(tok, li
         (tmp_path / "parquet").mkdir(exist_ok=True)
         pq.write_table(pa.table({"text": part, "id": list(range(len(part)))}), tmp_path / "parquet" / f"{i}.parquet")
     streams = {kind: StreamingCorpus(config(tmp_path / kind / f"*.{kind}", "--train.batch_size=4",
-                                            "--data.corpus_shard_mb=100"), tok, 0, 1)
+                                            "--data.corpus_shard_mb=100",
+                                            f"--data.corpus_valid={tmp_path / kind / f'2.{kind}'}"), tok, 0, 1)
                for kind in ("txt", "jsonl", "parquet")}
-    batches = {kind: [s.next_batch().tokens for _ in range(40)] for kind, s in streams.items()}
+    batches = {kind: [s.next_batch().tokens for _ in range(40)] + [b.tokens for b in s.val_batches(3)]
+               for kind, s in streams.items()}
+    assert len(batches["txt"]) == 43
     for kind in ("jsonl", "parquet"):
-        assert all(torch.equal(a, b) for a, b in zip(batches[kind], batches["txt"])), kind
+        assert all(torch.equal(a, b) for a, b in zip(batches[kind], batches["txt"], strict=True)), kind
 
 
 def test_a_bad_row_deep_in_a_shard_is_named_by_its_line(tok, lines, tmp_path):

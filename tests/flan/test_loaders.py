@@ -81,7 +81,8 @@ def test_a_missing_split_says_what_to_do(shared_data):
 def test_empty_splits_are_reported_by_dataset(tmp_path, reader):
     from flan.loaders import open_split
 
-    read = {"load_split": lambda *a, **k: load_split(*a, **k).rows, "open_split": lambda *a, **k: open_split(*a, **k)[0]}
+    read = {"load_split": lambda *a, **k: load_split(*a, **k).rows,
+            "open_split": lambda *a, **k: open_split(*a, **k)[0]}
     folder = tmp_path / "rte"
     folder.mkdir()
     (folder / "train.jsonl").write_text("\n")
