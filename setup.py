@@ -6,7 +6,13 @@ setup(
     version="0.1.0",
     description="FLAN (Wei et al., ICLR 2022) instruction tuning, built from scratch",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "flan", "flan.*"]),
+    packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*", "flan", "flan.*"])
+    + ["flan.template_files"],
+    # The data files a command reads, shipped in the wheel: the task registry beside its code, and the repo's
+    # templates/ folder as flan/template_files (flan/templates.py looks there first). scripts/check_wheel.sh
+    # checks that an installed wheel runs `flan data tasks` from any folder.
+    package_dir={"flan.template_files": "templates"},
+    package_data={"flan": ["tasks/*.toml"], "flan.template_files": ["*.toml"]},
     install_requires=[
         "torch>=2.11,<2.14",
         "triton>=3.6,<3.7",

@@ -129,6 +129,16 @@ class DataConfig:
     """Where trained tokenizers are cached (relative to the repo root unless absolute)."""
     tokenizer_sentences: int = 200000
     """Maximum sentences SentencePiece samples when training."""
+    corpus: str = ""
+    """Pretraining text streamed from files: a glob (relative to the working directory) of .txt, .jsonl or
+    .parquet files (a `text` field/column), read in a seeded shard order, sharded over data-parallel ranks
+    (engine/corpus_stream.py); empty means the shared corpus/train.txt, held in memory. The trained tokenizer
+    samples from it too."""
+    corpus_valid: str = ""
+    """Validation text for a streamed data.corpus (a glob, read in file order); empty: the shared corpus/valid.txt."""
+    corpus_shard_mb: float = 8.0
+    """A streamed corpus's unit of order and sharding: byte ranges of this size of .txt/.jsonl files (a parquet
+    file's row groups are its shards); one shard's tokens are held in memory at a time."""
     seq_len: int = 256
     """Tokens per row for pretraining."""
     input_len: int = 1024
@@ -300,6 +310,8 @@ class Config:
         for name in ("input_len", "target_len", "mixture_cap", "tokenizer_sentences"):
             if getattr(d, name) < 1:
                 fail(f"data.{name}", f"is {getattr(d, name)}; it must be at least 1")
+        if not (math.isfinite(d.corpus_shard_mb) and d.corpus_shard_mb > 0):
+            fail("data.corpus_shard_mb", f"is {d.corpus_shard_mb}; it must be a positive number of MiB")
         if d.templates_per_dataset < 0:
             fail("data.templates_per_dataset", f"is {d.templates_per_dataset}; use 0 (all) or a positive count")
         for name in ("batch_size", "max_new_tokens"):

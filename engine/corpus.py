@@ -1,7 +1,9 @@
 """Pretraining data: the WikiText corpus tokenized into one stream and cut into next-token rows.
 
 The stream of training rows is a pure function of (seed, position): rows are visited in a seeded permutation,
-epoch after epoch, so saving `position` in a checkpoint is all a resume needs.
+epoch after epoch, so saving `position` in a checkpoint is all a resume needs. This in-memory corpus is the
+default; `data.corpus` streams a corpus of any size from files instead (engine/corpus_stream.py), and
+pretraining_source() picks between them.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from engine.batch import Batch
 from engine.config import Config
+from engine.data_files import DataError, report_skipped, text_lines
 from engine.paths import shared_data_dir
 from engine.tokenizer import Tokenizer
 
@@ -20,8 +23,18 @@ def corpus_ids(cfg: Config, tokenizer: Tokenizer, split: str) -> torch.Tensor:
     """Token ids of corpus/<split>.txt, lines joined with EOS at the end of each article paragraph."""
     path = shared_data_dir(cfg.data.data_dir or None) / "corpus" / f"{split}.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: corpus split {split!r} is missing from the shared data folder")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise DataError(f"{path}: corpus split {split!r} is missing from the data folder; restore it or point "
+                        "--data.data_dir at a folder holding corpus/train.txt and corpus/valid.txt")
+    skipped: list[str] = []
+    lines = list(text_lines(path, cfg.data.bad_rows, skipped))
+    report_skipped(f"corpus {split}", skipped)
+    if not lines:
+        raise DataError(f"{path}: corpus split {split!r} holds no text; restore the file")
+    return encode_lines(tokenizer, lines)
+
+
+def encode_lines(tokenizer: Tokenizer, lines: list[str]) -> torch.Tensor:
+    """The token ids of each line followed by EOS, concatenated."""
     ids: list[int] = []
     for piece in tokenizer.encode_batch(lines):
         ids.extend(piece)
@@ -29,12 +42,19 @@ def corpus_ids(cfg: Config, tokenizer: Tokenizer, split: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
+def windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(n, seq_len + 1) windows, n = (len - 1) // seq_len (possibly 0), each overlapping the next by one token:
+    a window gives tokens [:-1] and next-token labels [1:]."""
+    n = max(0, (len(ids) - 1) // seq_len)
+    return ids[: n * seq_len + 1].unfold(0, seq_len + 1, seq_len) if n else ids.new_zeros((0, seq_len + 1))
+
+
 def rows_from_ids(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """(n, seq_len + 1) non-overlapping windows; each gives tokens [:-1] and next-token labels [1:]."""
-    n = (len(ids) - 1) // seq_len
-    if n < 1:
-        raise ValueError(f"corpus has {len(ids)} tokens, fewer than one row of data.seq_len={seq_len}")
-    return torch.stack([ids[i * seq_len: i * seq_len + seq_len + 1] for i in range(n)])
+    """The windows of a whole corpus split (at least one)."""
+    rows = windows(ids, seq_len)
+    if not len(rows):
+        raise DataError(f"corpus has {len(ids)} tokens, fewer than one row of data.seq_len={seq_len}")
+    return rows
 
 
 def rows_to_batch(rows: torch.Tensor) -> Batch:
@@ -79,6 +99,19 @@ class CorpusStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+def pretraining_source(tokenizer: Tokenizer):
+    """make_source for train(): the streamed data.corpus (each rank reads its own shards), or the in-memory
+    shared corpus, whose global batches each data-parallel rank takes its block of."""
+    from engine.corpus_stream import StreamingCorpus
+    from engine.data_source import RankSlice
+
+    def make_source(cfg: Config, rank: int, size: int):
+        if cfg.data.corpus:
+            return StreamingCorpus(cfg, tokenizer, rank, size)
+        return RankSlice(CorpusStream(cfg, tokenizer), rank, size)
+    return make_source
 
 
 def unigram_entropy(cfg: Config, tokenizer: Tokenizer) -> float:

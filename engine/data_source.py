@@ -12,7 +12,9 @@ Ranks of one data-parallel replica (its tensor and pipeline peers) get the same 
 target-token count over the replicas (one scalar all-reduce) for the loss normalisation, so a source that
 reads only its rank's rows is exact. `RankSlice` serves a stream that builds the global batch (the FLAN
 mixture, the in-memory corpus): rank r of dp takes the r-th of dp contiguous row blocks, so the concatenation
-over ranks in rank order is the single-device global batch and a dp run equals one device.
+over ranks in rank order is the single-device global batch and a dp run equals one device. A source that
+reads only its own rank's share (the streamed corpus, engine/corpus_stream.py: disjoint shards per rank)
+needs no RankSlice; its global batch is then not the single-device one, but each epoch's rows are.
 """
 from __future__ import annotations
 

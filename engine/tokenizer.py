@@ -7,19 +7,22 @@ and Hugging Face `tokenizers` (tokenizer.json, e.g. Llama 3's byte-level BPE).
 
 BOS/EOS/pad and whether BOS starts every input come from the model's own tokenizer_config.json when one lies
 beside the file (add_bos_token, bos_token, ...), else from the file itself; a tokenizer we train has no
-config and adds no BOS. Training stays SentencePiece unigram, cached by a hash of inputs and settings.
+config and adds no BOS. Training stays SentencePiece unigram, cached by a hash of inputs and settings, on the
+corpus (the shared one, or a sample of the streamed data.corpus) and every dataset's train split.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import random
+import warnings
 from pathlib import Path
 
 import sentencepiece as spm
 
 from engine.config import Config
-from engine.paths import REPO_ROOT, shared_data_dir
+from engine.data_files import DataError, json_rows, report_skipped, text_lines
+from engine.paths import REPO_ROOT, MissingDataError, shared_data_dir
 
 # Fixed special ids so that checkpoints and packed batches agree across trained tokenizers.
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -157,34 +160,92 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def training_files(cfg: Config) -> list[Path]:
-    """The corpus train split plus every dataset's train.jsonl found under the data folder."""
-    data = shared_data_dir(cfg.data.data_dir or None)
-    corpus = data / "corpus" / "train.txt"
+def corpus_files(cfg: Config) -> list[Path]:
+    """The pretraining corpus's files: data.corpus's, or the shared corpus/train.txt."""
+    if cfg.data.corpus:
+        from engine.corpus_stream import corpus_files as streamed_files
+
+        return streamed_files(cfg.data.corpus, "data.corpus")
+    corpus = shared_data_dir(cfg.data.data_dir or None) / "corpus" / "train.txt"
     if not corpus.is_file():
-        raise FileNotFoundError(f"{corpus}: the pretraining corpus is missing from the shared data folder")
-    return [corpus] + sorted(data.glob("*/train.jsonl"))
+        raise DataError(f"{corpus}: the pretraining corpus is missing from the data folder; restore it, point "
+                        "--data.data_dir at a folder holding corpus/train.txt, or stream one with --data.corpus=GLOB")
+    return [corpus]
 
 
-def _text_lines(path: Path):
-    """Plain lines of a .txt file, or every string value of each JSONL row."""
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if path.suffix == ".jsonl":
-                row = json.loads(line)
-                for value in row.values():
-                    if isinstance(value, str) and value.strip():
-                        yield value.strip()
-            elif line.strip():
-                yield line.strip()
+def dataset_files(cfg: Config) -> list[Path]:
+    """Every dataset's train.jsonl under the data folder (none when a streamed corpus comes without one)."""
+    try:
+        data = shared_data_dir(cfg.data.data_dir or None)
+    except MissingDataError:
+        if cfg.data.corpus:
+            return []
+        raise
+    return sorted(data.glob("*/train.jsonl"))
+
+
+def training_files(cfg: Config) -> list[Path]:
+    """What the tokenizer learns from: the corpus, then every dataset's train split."""
+    return corpus_files(cfg) + dataset_files(cfg)
+
+
+def _dataset_lines(path: Path, bad_rows: str, skipped: list[str]):
+    """Every string value of each row of a dataset's JSONL file; a bad line is reported by file and line (or
+    skipped and recorded, as data.bad_rows says)."""
+    for _, row in json_rows(path, bad_rows, skipped):
+        for value in row.values():
+            if isinstance(value, str) and value.strip():
+                yield value.strip()
+
+
+def _corpus_lines(cfg: Config) -> list[str]:
+    """The corpus's lines: all of the shared corpus, or a streamed corpus's first tokenizer_sentences records in
+    its first epoch's shard order (never the whole of a corpus of any size)."""
+    if cfg.data.corpus:
+        from engine.corpus_stream import corpus_texts
+
+        where, lines = f"--data.corpus={cfg.data.corpus}", list(corpus_texts(cfg, cfg.data.tokenizer_sentences))
+    else:
+        (path,), skipped = corpus_files(cfg), []
+        where, lines = str(path), list(text_lines(path, cfg.data.bad_rows, skipped))
+        report_skipped("tokenizer training", skipped)
+    if not lines:
+        raise DataError(f"{where}: the pretraining corpus holds no text; restore it or point it at text files")
+    return lines
+
+
+def training_lines(cfg: Config) -> list[str]:
+    """Every line the tokenizer may sample from, with skipped rows and empty files reported (an empty corpus
+    is an error, an empty dataset file a warning naming it)."""
+    lines = _corpus_lines(cfg)
+    for path in dataset_files(cfg):
+        skipped: list[str] = []
+        before = len(lines)
+        lines.extend(_dataset_lines(path, cfg.data.bad_rows, skipped))
+        report_skipped("tokenizer training", skipped)
+        if len(lines) == before:
+            warnings.warn(f"{path}: dataset {path.parent.name}'s train split holds no text; the tokenizer is "
+                          "trained without it", stacklevel=2)
+    return lines
+
+
+def _fingerprint(path: Path) -> bytes:
+    """A file's part of the cache key: its content hash, or for a file over 64 MiB (a streamed corpus) its
+    size and modification time, so that a key never costs a pass over a corpus of any size."""
+    stat = path.stat()
+    if stat.st_size > 64 << 20:
+        return f"{stat.st_size}:{stat.st_mtime_ns}".encode()
+    return hashlib.sha256(path.read_bytes()).digest()
 
 
 def cached_model_path(cfg: Config) -> Path:
-    """Cache key: content hash of the training files and every setting that changes the model."""
+    """Cache key: the training files (_fingerprint) and every setting that changes the model."""
     h = hashlib.sha256()
     for path in training_files(cfg):
         h.update(path.name.encode())
-        h.update(hashlib.sha256(path.read_bytes()).digest())
+        h.update(_fingerprint(path))
+    if cfg.data.corpus:  # which records a streamed corpus gives the trainer
+        h.update(f"corpus|{cfg.data.corpus_shard_mb}".encode())
     h.update(f"unigram|{cfg.model.vocab_size}|{cfg.data.tokenizer_sentences}|{cfg.train.seed}|v1".encode())
     cache = Path(cfg.data.tokenizer_cache)
     if not cache.is_absolute():
@@ -198,7 +259,7 @@ def train_tokenizer(cfg: Config) -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = [line for path in training_files(cfg) for line in _text_lines(path)]
+    lines = training_lines(cfg)
     rng = random.Random(cfg.train.seed)
     if len(lines) > cfg.data.tokenizer_sentences:
         lines = rng.sample(lines, cfg.data.tokenizer_sentences)

@@ -60,8 +60,7 @@ def cmd_tokenizer_train(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from engine.corpus import CorpusStream, unigram_entropy
-    from engine.data_source import RankSlice
+    from engine.corpus import pretraining_source, unigram_entropy
     from engine.resume import preflight
     from engine.tokenizer import load_tokenizer
     from engine.train import train
@@ -69,9 +68,8 @@ def cmd_pretrain(args) -> int:
     cfg = _config(args)
     preflight(cfg, "pretrain")  # before the tokenizer, which may train for minutes
     tokenizer = load_tokenizer(cfg)
-    # The in-memory corpus yields global batches: each data-parallel rank takes its block of rows.
-    summary = train(cfg, lambda c, rank, size: RankSlice(CorpusStream(c, tokenizer), rank, size), kind="pretrain")
-    if "val_loss" in summary:
+    summary = train(cfg, pretraining_source(tokenizer), kind="pretrain")
+    if "val_loss" in summary and not cfg.data.corpus:  # the unigram bar of the in-memory corpus
         summary["unigram_entropy"] = unigram_entropy(cfg, tokenizer)
     _print_summary(summary)
     return 0

@@ -14,13 +14,14 @@ are left out and listed in `skipped` (callers report the count): nothing is drop
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from engine.errors import FlanError
 import numpy as np
 
+from engine.data_files import BAD_ROWS, DataError, bad_row, json_line, report_skipped
 from engine.paths import MissingDataError, shared_data_dir
 from flan.derived import generate
 from flan.registry import TaskSpec
@@ -35,10 +36,6 @@ _TYPE_CHECKS = {
     "numbered": lambda v: isinstance(v, list),
     "triples": lambda v: isinstance(v, list) and all(isinstance(t, list) for t in v),
 }
-
-
-class DataError(FlanError, ValueError):
-    """A dataset file is missing or holds a malformed row."""
 
 
 @dataclass
@@ -129,23 +126,25 @@ def count_examples(spec: TaskSpec, split: str, data_dir) -> int:
 
 def parse_line(spec: TaskSpec, line: bytes) -> tuple[dict | None, str | None]:
     """(row, None) for a valid JSONL line, (None, why) otherwise; why is "blank" for an empty line."""
-    if not line.strip():
-        return None, "blank"
-    try:
-        row = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        return None, f"not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1}); re-save the file as UTF-8"
-    except json.JSONDecodeError as e:
-        return None, f"not valid JSON ({e.msg} at column {e.colno})"
-    problem = row_problem(spec, row)
+    row, problem = json_line(line)
+    if problem is None:
+        problem = row_problem(spec, row)
     return (row, None) if problem is None else (None, problem)
 
 
-def _bad_row(path: Path, lineno: int, problem: str, bad_rows: str, skipped: list[str]) -> None:
-    if bad_rows != "skip":
-        raise DataError(f"{path}:{lineno}: {problem}; fix the row, or set --data.bad_rows=skip "
-                        "to skip and count bad rows")
-    skipped.append(f"{path}:{lineno}: {problem}")
+def _checked(spec: TaskSpec, split: str, path: Path, n_rows: int, skipped: list[str]) -> None:
+    """Report what reading a split left out: skipped rows (one warning) and an empty split. An empty train
+    split leaves the dataset out of the mixture with a warning; an empty split scored or shown is an error."""
+    report_skipped(f"dataset {spec.name} {split}", skipped)
+    if n_rows:
+        return
+    why = f"all {len(skipped)} rows were malformed and skipped" if skipped else "the file holds no rows"
+    if split == "train":
+        warnings.warn(f"{path}: dataset {spec.name} has an empty train split ({why}); it is left out",
+                      stacklevel=3)
+        return
+    raise DataError(f"{path}: dataset {spec.name} has an empty {split} split ({why}); restore the file, "
+                    f"or remove it so that {spec.name} counts as having no {split} data")
 
 
 def _read_jsonl(spec: TaskSpec, path: Path, bad_rows: str) -> tuple[list[dict], list[str]]:
@@ -156,7 +155,7 @@ def _read_jsonl(spec: TaskSpec, path: Path, bad_rows: str) -> tuple[list[dict], 
             if row is not None:
                 rows.append(row)
             elif problem != "blank":
-                _bad_row(path, lineno, problem, bad_rows, skipped)
+                bad_row(path, lineno, problem, bad_rows, skipped)
     return rows, skipped
 
 
@@ -168,13 +167,14 @@ def _load(spec: TaskSpec, split: str, data_dir: tuple[str, ...], bad_rows: str, 
                      f"derived:{spec.derived.generator}")
     path = split_path(spec, split, data_dir)
     rows, skipped = _read_jsonl(spec, path, bad_rows)
+    _checked(spec, split, path, len(rows), skipped)
     return Split(spec, split, rows, str(path), skipped)
 
 
 def _check_args(spec: TaskSpec, split: str, data_dir, bad_rows: str) -> None:
     if split not in SPLITS:
         raise DataError(f"split {split!r} unknown; use one of {', '.join(SPLITS)}")
-    if bad_rows not in ("error", "skip"):
+    if bad_rows not in BAD_ROWS:
         raise DataError(f"bad_rows={bad_rows!r}; use 'error' or 'skip'")
     if not has_split(spec, split, data_dir):
         where = split_path(spec, split, data_dir) or f"[derived] of {spec.source}"
@@ -234,7 +234,7 @@ class RowIndex:
                     row, problem = parse_line(spec, line)
                     keep[lineno - 1] = row is not None
                     if row is None and problem != "blank":
-                        _bad_row(path, lineno, problem, bad_rows, self.skipped)
+                        bad_row(path, lineno, problem, bad_rows, self.skipped)
             self.offsets = starts[keep]
         self._file = path.open("rb")
 
@@ -258,4 +258,5 @@ def open_split(spec: TaskSpec, split: str, *, data_dir, bad_rows: str = "error",
         return loaded.rows, loaded.skipped
     _check_args(spec, split, data_dir, bad_rows)
     index = RowIndex(spec, split_path(spec, split, data_dir), bad_rows)
+    _checked(spec, split, index.path, len(index), index.skipped)
     return index, index.skipped

@@ -7,7 +7,9 @@ named by the task's [source] table (flan/sources.py). A local copy is looked for
 from_dir/<hub name>, from_dir/<task name>, then from_dir itself, holding either what `save_to_disk` wrote
 (dataset_dict.json, or one folder per split) or parquet / JSON files in the hub's layout:
 <config>/<split>/*.parquet, <config>/<split>-*.parquet, <split>/*.parquet, data/<split>-*.parquet (the
-same with .json / .jsonl). Rows are streamed, never loaded whole.
+same with .json / .jsonl). Rows are streamed, never loaded whole. JSON Lines files are read here line by line
+(not by `datasets`, which fails on a whole file for one bad line), so that a truncated or non-UTF-8 line is
+named by file and line, or skipped and counted.
 
 Every hub row is mapped onto the task's fields and checked (flan/loaders.row_problem): a bad row stops with
 an error naming dataset, split and row, or with bad_rows="skip" is left out and counted. Rows the hub keeps
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from engine.data_files import BAD_ROWS, json_rows
 from flan.loaders import DataError, row_problem
 from flan.registry import TaskSpec
 from flan.sources import MapError, is_unlabelled, map_row
@@ -68,7 +71,7 @@ def _files_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _open_local(spec: TaskSpec, from_dir: Path, hub_split: str):
+def _open_local(spec: TaskSpec, from_dir: Path, hub_split: str, bad_rows: str):
     """(rows iterable, column names, fingerprint, where) of one hub split of a local copy, or None."""
     import datasets
 
@@ -85,6 +88,9 @@ def _open_local(spec: TaskSpec, from_dir: Path, hub_split: str):
                 ds = datasets.load_from_disk(str(base / hub_split))
                 return ds, ds.column_names, ds._fingerprint, str(base / hub_split)
             files = _split_files(base, hub_split)
+            if files and files[0].suffix != ".parquet" and all(_json_lines_file(f) for f in files):
+                rows = JsonLines(files, bad_rows)
+                return rows, list(next(iter(rows), {})), _files_fingerprint(files), str(files[0].parent)
             if files:
                 builder = "parquet" if files[0].suffix == ".parquet" else "json"
                 ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
@@ -92,6 +98,45 @@ def _open_local(spec: TaskSpec, from_dir: Path, hub_split: str):
                 columns = list(ds.features) if ds.features else list(next(iter(ds), {}))
                 return ds, columns, _files_fingerprint(files), str(files[0].parent)
     return None
+
+
+def _json_lines_file(path: Path) -> bool:
+    """Whether a .json/.jsonl file holds one object per line (the hub's JSON files do; a JSON array does not)."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    return not head.startswith(b"[")
+
+
+class JsonLines:
+    """The rows of local JSON Lines files, read here rather than by `datasets` so that a truncated or non-UTF-8
+    line is named by file and line, and with bad_rows=skip only that line is left out (recorded in `skipped`)."""
+
+    def __init__(self, files: list[Path], bad_rows: str):
+        self.files, self.bad_rows, self.skipped = files, bad_rows, []
+
+    def __iter__(self):
+        self.skipped = []
+        for path in self.files:
+            for _, row in json_rows(path, self.bad_rows, self.skipped):
+                yield row
+
+
+def _hub_rows(ds, spec: TaskSpec, split: str, where: str):
+    """The rows of an opened hub split; a failure of `datasets` to read its files (a damaged parquet file, a
+    malformed JSON array) becomes one error naming the dataset, split and files."""
+    it = iter(ds)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except DataError:  # a bad line of a local JSON Lines file (JsonLines), already named by file and line
+            raise
+        except Exception as e:  # pyarrow and datasets raise their own classes for a file they cannot read
+            raise DataError(f"dataset {spec.name}, split {split}: reading {where} failed ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:160] if str(e) else ''}); restore the files or fetch "
+                            "them again") from None
+        yield row
 
 
 def _local_splits(spec: TaskSpec, from_dir: Path) -> list[str]:
@@ -126,10 +171,10 @@ def _open_hub(spec: TaskSpec, hub_split: str):
     return ds, columns, src.revision or "main", f"hf://{src.hub}" + (f"/{src.config}" if src.config else "")
 
 
-def _open(spec: TaskSpec, hub_split: str, from_dir: Path | None):
+def _open(spec: TaskSpec, hub_split: str, from_dir: Path | None, bad_rows: str):
     if from_dir is None:
         return _open_hub(spec, hub_split)
-    opened = _open_local(spec, from_dir, hub_split)
+    opened = _open_local(spec, from_dir, hub_split, bad_rows)
     if opened is None:
         found = _local_splits(spec, from_dir)
         where = ", ".join(str(r) for r in _roots(spec, from_dir)) or str(from_dir)
@@ -159,31 +204,36 @@ def _write_split(spec: TaskSpec, split: str, opened: list, path: Path, max_rows,
     label_field = spec.labels.field if spec.labels else spec.choices.label_field if spec.choices else None
     rows = skipped = unlabelled = 0
     tmp = path.with_suffix(".jsonl.tmp")
-    with tmp.open("w", encoding="utf-8") as out, \
-            tqdm(desc=f"{spec.name} {split}", unit=" rows", disable=not progress, leave=False) as bar:
-        for (ds, _, _, where), hub_split in opened:
-            for i, hub_row in enumerate(ds):
-                if max_rows is not None and rows >= max_rows:
-                    break
-                bar.update()
-                try:
-                    if is_unlabelled(spec.origin, label_field, hub_row):
-                        unlabelled += 1
-                        continue
-                    row = map_row(spec, hub_row)
-                    problem = row_problem(spec, row)
-                except MapError as e:
-                    problem = str(e)
-                if problem is None:
-                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    rows += 1
-                elif bad_rows == "skip":
-                    skipped += 1
-                else:
-                    tmp.unlink()
-                    raise DataError(f"dataset {spec.name}, split {split} (hub split {hub_split} in {where}), row {i}: "
-                                    f"{problem}; fix the [source] table of {spec.source.name}, or set "
-                                    "--data.bad_rows=skip to skip and count bad rows")
+    try:
+        with tmp.open("w", encoding="utf-8") as out, \
+                tqdm(desc=f"{spec.name} {split}", unit=" rows", disable=not progress, leave=False) as bar:
+            for (ds, _, _, where), hub_split in opened:
+                for i, hub_row in enumerate(_hub_rows(ds, spec, split, where)):
+                    if max_rows is not None and rows >= max_rows:
+                        break
+                    bar.update()
+                    try:
+                        if is_unlabelled(spec.origin, label_field, hub_row):
+                            unlabelled += 1
+                            continue
+                        row = map_row(spec, hub_row)
+                        problem = row_problem(spec, row)
+                    except MapError as e:
+                        problem = str(e)
+                    if problem is None:
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        rows += 1
+                    elif bad_rows == "skip":
+                        skipped += 1
+                    else:
+                        raise DataError(f"dataset {spec.name}, split {split} (hub split {hub_split} in {where}), row "
+                                        f"{i}: {problem}; fix the [source] table of {spec.source.name}, or set "
+                                        "--data.bad_rows=skip to skip and count bad rows")
+                if isinstance(ds, JsonLines):
+                    skipped += len(ds.skipped)  # lines that held no row
+    except DataError:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)  # a split file exists only once complete
     return {"rows": rows, "skipped": skipped, "unlabelled": unlabelled, "sha256": _sha256(path)}
 
@@ -196,14 +246,14 @@ def prepare(spec: TaskSpec, *, out_dir: Path, from_dir: Path | None = None, max_
         raise DataError(f"dataset {spec.name}: no usable hub copy ({src.no_hub})")
     if max_rows is not None and max_rows < 1:
         raise DataError(f"--max-rows={max_rows}: give at least 1 (or leave it out for every row)")
-    if bad_rows not in ("error", "skip"):
+    if bad_rows not in BAD_ROWS:
         raise DataError(f"--data.bad_rows={bad_rows!r}; use 'error' or 'skip'")
     folder = Path(out_dir) / spec.data
     manifest_path = folder / MANIFEST
     if folder.exists() and any(folder.iterdir()) and not manifest_path.is_file():
         raise DataError(f"{folder}: holds files that `flan data prepare` did not write; it never overwrites them: "
                         "choose another --out or move them away")
-    opened = {split: [(_open(spec, h, Path(from_dir) if from_dir else None), h) for h in hubs]
+    opened = {split: [(_open(spec, h, Path(from_dir) if from_dir else None, bad_rows), h) for h in hubs]
               for split, hubs in src.splits.items()}
     for split, items in opened.items():
         for (_, columns, _, where), hub_split in items:

@@ -33,7 +33,8 @@ from engine.errors import FlanError
 from engine.paths import REPO_ROOT
 from flan.registry import ANSWER_SLOT, OPTIONS_SLOT, TASKS_DIR, TaskSpec, load_registry
 
-TEMPLATES_DIR = REPO_ROOT / "templates"
+_PACKAGED_TEMPLATES = Path(__file__).resolve().parent / "template_files"  # where a wheel carries them (setup.py)
+TEMPLATES_DIR = _PACKAGED_TEMPLATES if _PACKAGED_TEMPLATES.is_dir() else REPO_ROOT / "templates"
 TEMPLATE_KEYS = ("input", "target", "turned_around", "options", "delimiter")
 OPTIONS_PLACEMENT = ("append", "none")
 ANSWER_TARGET = "{" + ANSWER_SLOT + "}"

@@ -55,3 +55,30 @@ def test_both_backends_give_transformers_ids(kind, file, backend, tmp_path_facto
 
 def test_trained_tokenizer_adds_no_bos(tok):
     assert tok.kind == "sentencepiece-unigram" and tok.bos_prefix == []
+
+
+def test_the_tokenizer_samples_a_streamed_corpus(shared_data, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.data_files import DataError
+    from engine.tokenizer import training_lines
+
+    lines = [l.strip() for l in (shared_data / "corpus" / "valid.txt").read_text().splitlines()[:400] if l.strip()]
+    for i in range(2):
+        pq.write_table(pa.table({"text": lines[i::2]}), tmp_path / f"part-{i}.parquet", row_group_size=20)
+    flags = [f"--data.corpus={tmp_path}/part-*.parquet", f"--data.data_dir={tmp_path}", "--model.vocab_size=512",
+             f"--data.tokenizer_cache={tmp_path / 'cache'}"]
+    everything = training_lines(load_config("configs/tiny.toml", flags))
+    assert sorted(everything) == sorted(lines)  # no dataset train.jsonl under data_dir: the corpus alone
+    sample = training_lines(load_config("configs/tiny.toml", [*flags, "--data.tokenizer_sentences=30"]))
+    assert len(sample) == 30 and set(sample) <= set(lines) and sample != lines[:30]  # a seeded shard order
+    cfg = load_config("configs/tiny.toml", flags)
+    trained = load_tokenizer(cfg)
+    assert trained.vocab_size == 512 and trained.decode(trained.encode(lines[3])) == lines[3]
+    one_file = load_config("configs/tiny.toml", [f"--data.corpus={tmp_path}/part-0.parquet", *flags[1:]])
+    assert cached_model_path(cfg) != cached_model_path(one_file)
+    (tmp_path / "part-9.jsonl").write_text('{"text": "fine"}\n{"text": 7}\n')
+    bad = [f"--data.corpus={tmp_path}/part-*", *flags[1:]]
+    with pytest.raises(DataError, match=f"{tmp_path / 'part-9.jsonl'}:2: `text` is int"):
+        training_lines(load_config("configs/tiny.toml", bad))

@@ -75,3 +75,22 @@ def test_multiple_choice_gold_must_be_an_option():
 def test_a_missing_split_says_what_to_do(shared_data):
     with pytest.raises(DataError, match="dataset squad has no train split here; `flan data tasks`"):
         load_split(REG.get("squad"), "train", data_dir=shared_data)
+
+
+@pytest.mark.parametrize("reader", ["load_split", "open_split"])
+def test_empty_splits_are_reported_by_dataset(tmp_path, reader):
+    from flan.loaders import open_split
+
+    read = {"load_split": lambda *a, **k: load_split(*a, **k).rows,
+            "open_split": lambda *a, **k: open_split(*a, **k)[0]}
+    folder = tmp_path / "rte"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n")
+    (folder / "validation.jsonl").write_text("")
+    with pytest.warns(UserWarning, match=f"{folder / 'train.jsonl'}: dataset rte has an empty train split"):
+        assert len(read[reader](REG.get("rte"), "train", data_dir=tmp_path)) == 0
+    with pytest.raises(DataError, match=f"{folder / 'validation.jsonl'}: dataset rte has an empty validation split"):
+        read[reader](REG.get("rte"), "validation", data_dir=tmp_path)
+    (folder / "validation.jsonl").write_bytes(b'{"premise": "p\xff"}\n')
+    with pytest.raises(DataError, match="all 1 rows were malformed and skipped"):
+        read[reader](REG.get("rte"), "validation", data_dir=tmp_path, bad_rows="skip")
