@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 
 from engine.config import Config, ConfigError, load_config
 from engine.errors import INTERRUPTED, RUNTIME, FlanError, os_error_message
@@ -161,19 +162,30 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         parser.error(f"unrecognised arguments {bad}; config overrides are written --section.field=value")
     args.overrides = rest
-    try:
-        return args.func(args)
-    except Exception as e:
-        if debug:
-            raise
-        code, message = _describe(e)
-        print(f"flan {args.command}: {message}", file=sys.stderr, flush=True)
-        return code
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        print(f"flan {args.command}: interrupted", file=sys.stderr)
-        return INTERRUPTED
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.showwarning = _one_line_warning(args.command)
+        try:
+            return args.func(args)
+        except Exception as e:
+            if debug:
+                raise
+            code, message = _describe(e)
+            print(f"flan {args.command}: {message}", file=sys.stderr, flush=True)
+            return code
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print(f"flan {args.command}: interrupted", file=sys.stderr)
+            return INTERRUPTED
+
+
+def _one_line_warning(command: str):
+    """Warnings (rows skipped, an empty train split) as `flan COMMAND: warning: ...`, one line like the errors;
+    --debug keeps Python's format, with the file and line that raised it."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"flan {command}: warning: {message}", file=file or sys.stderr, flush=True)
+    return show
 
 
 def _describe(e: Exception) -> tuple[int, str]:

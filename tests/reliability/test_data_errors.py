@@ -65,7 +65,8 @@ def test_skip_leaves_the_row_out_and_counts_it(data):
     damage(data / "copa" / "train.jsonl", 5, "truncate")
     rc, out, err = flan("tokenizer", "train", "configs/tiny.toml", *with_data(data), "--data.bad_rows=skip")
     assert rc == 0 and out.strip().endswith("(512 pieces)")
-    assert "skipped 1 malformed rows" in err and f"{data / 'copa' / 'train.jsonl'}:5:" in err
+    warning = next(line for line in err.splitlines() if "skipped 1 malformed rows" in line)
+    assert warning.startswith("flan tokenizer: warning: ") and f"{data / 'copa' / 'train.jsonl'}:5:" in warning
 
 
 @pytest.mark.parametrize("command, file, line", [
@@ -105,7 +106,7 @@ def test_an_empty_train_file_is_a_warning_naming_the_dataset(data, tokenizer):
     (data / "copa" / "train.jsonl").write_bytes(b"\n")
     rc, out, err = flan("data", "mix", "configs/tiny.toml", *with_data(data, tokenizer))
     assert rc == 0, err
-    assert f"{data / 'copa' / 'train.jsonl'}: dataset copa has an empty train split" in err
+    assert f"flan data: warning: {data / 'copa' / 'train.jsonl'}: dataset copa has an empty train split" in err
     left_out = next(line for line in out.splitlines() if line.startswith("eligible but without local train data"))
     assert "copa" in left_out.split(": ", 1)[1].split(", ")
 
