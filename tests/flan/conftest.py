@@ -1,4 +1,5 @@
-"""Fixtures for the FLAN data tests: a tiny deterministic tokenizer with the engine Tokenizer's interface."""
+"""Fixtures for the FLAN tests: a tiny deterministic tokenizer with the engine Tokenizer's interface, and the
+small fp32 CPU model config the scorer's layout tests build under each layout."""
 import zlib
 
 import pytest
@@ -27,3 +28,13 @@ class WordTokenizer:
 @pytest.fixture(scope="session")
 def word_tokenizer():
     return WordTokenizer()
+
+
+def small_layout_config(parallel: dict, *, vocab_size: int, n_layers: int, init_std: float):
+    """A 16-wide fp32 CPU model config (4 heads of 4, 2 KV heads) under the `parallel` section's fields."""
+    from engine.config import Config, ModelConfig, ParallelConfig, resolve_auto
+
+    cfg = Config(model=ModelConfig(vocab_size=vocab_size, d_model=16, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+                                   head_dim=4, d_ff=32, init_std=init_std), parallel=ParallelConfig(**parallel))
+    cfg.train.device = "cpu"
+    return resolve_auto(cfg.validate("test"), cuda_available=False)

@@ -26,17 +26,13 @@ def _requests() -> list[EvalRequest]:
 
 
 def layout_worker(parallel: dict) -> list[str]:
-    from engine.config import Config, ModelConfig, ParallelConfig, resolve_auto
     from engine.model import build_model
     from engine.parallel import init_mesh, parallelize
     from flan.layout_scorer import score_with_layout
     from flan.scorer import RankResult, score_requests
-    from tests.flan.conftest import WordTokenizer
+    from tests.flan.conftest import WordTokenizer, small_layout_config
 
-    cfg = Config(model=ModelConfig(vocab_size=1000, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=4,
-                                   d_ff=32, init_std=0.1), parallel=ParallelConfig(**parallel))
-    cfg.train.device = "cpu"
-    cfg = resolve_auto(cfg.validate("test"), cuda_available=False)
+    cfg = small_layout_config(parallel, vocab_size=1000, n_layers=2, init_std=0.1)
     tok, reqs = WordTokenizer(), _requests()
     kwargs = dict(batch_size=3, input_len=12, max_new_tokens=4)
     want = score_requests(build_model(cfg.model, seed=5).eval(), tok, reqs, **kwargs)

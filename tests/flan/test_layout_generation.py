@@ -23,16 +23,13 @@ def _block_widths(model) -> dict[str, list[int]]:
 
 
 def generation_worker(parallel: dict) -> list[str]:
-    from engine.config import Config, ModelConfig, ParallelConfig, resolve_auto
     from engine.model import build_model
     from engine.parallel import init_mesh, parallelize
     from flan.layout_scorer import layout_greedy_generate
     from flan.scorer import greedy_generate
+    from tests.flan.conftest import small_layout_config
 
-    cfg = Config(model=ModelConfig(vocab_size=64, d_model=16, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=4,
-                                   d_ff=32, init_std=0.5), parallel=ParallelConfig(**parallel))
-    cfg.train.device = "cpu"
-    cfg = resolve_auto(cfg.validate("test"), cuda_available=False)
+    cfg = small_layout_config(parallel, vocab_size=64, n_layers=4, init_std=0.5)
     one = build_model(cfg.model, seed=2).eval()
     # An EOS that ends row 0 after one token while another row runs to the budget (checked below).
     eos = greedy_generate(one, PROMPTS, eos_id=-1, pad_id=0, max_new_tokens=MAX_NEW)[0][1]
