@@ -276,3 +276,29 @@ def test_a_private_import_on_one_torchrun_rank_writes_everything(folders, tmp_pa
     step = import_hf(folders["llama3"], tmp_path / "run")
     assert load_meta(step)["world_size"] == 1 and (tmp_path / "run" / "config.toml").is_file()
     assert Tokenizer.load(load_meta(step)["config"]["data"]["tokenizer"]).kind == "tokenizers"
+
+
+@pytest.mark.parametrize("kind", ["llama2", "llama3"])
+def test_an_imported_folder_scores_tunes_and_exports_back_with_equal_logits(kind, folders, tmp_path):
+    """The issue's whole path as a user types it: import-hf, eval, tune from the import (init_from), eval the
+    tuned run, export-hf; the exported folder's transformers logits equal the tuned checkpoint's own."""
+    from engine.checkpoint import latest_checkpoint
+    from flan.cli import main
+
+    run, tuned = tmp_path / "run", tmp_path / "tuned"
+    assert main(["import-hf", str(folders[kind]), str(run), "--trust-tokenizer", TRUST[kind]]) == 0
+    config = str(run / "config.toml")
+    short = ["--train.steps=2", "--train.batch_size=2", "--optim.warmup_steps=0", "--train.val_every=0",
+             "--train.ckpt_every=0", "--data.seq_len=64", "--data.input_len=48", "--data.target_len=16"]
+    evaluate = ["--datasets", "rte", "--limit", "4", "--templates", "0", "--base", "none"]
+    assert main(["eval", config, "--checkpoint", str(run), *evaluate, "--out", str(tmp_path / "eval0")]) == 0
+    assert main(["tune", config, f"--train.init_from={run}", f"--train.run_dir={tuned}", *short]) == 0
+    assert main(["eval", config, "--checkpoint", str(tuned), *evaluate, "--out", str(tmp_path / "eval1")]) == 0
+    step = latest_checkpoint(tuned)
+    before, after = load_model_state(latest_checkpoint(run)), load_model_state(step)
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in before)  # tuning moved the weights
+    assert main(["export-hf", str(tuned), str(tmp_path / "hf")]) == 0
+    ours, cfg = our_model(step)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits_of(hf, cfg.model.vocab_size, hf=True), logits_of(ours, cfg.model.vocab_size),
+                               rtol=1e-5, atol=1e-5)
