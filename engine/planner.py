@@ -61,8 +61,8 @@ recomputation, of n h e bytes over NVLink with ring traffic 2(t-1)/t) added to t
 links when the group spans nodes, exposed for the fraction not overlapped. MFU counts the model's FLOPs only.
 Not modelled: small-microbatch GEMM efficiency, stage imbalance from the head, allocator fragmentation (the
 `reserve` fraction of memory stands for it, with the CUDA context and NCCL's own buffers), and the pipeline
-sends that backends without coalescing (gloo, the dry run's fake group) keep until the step's end (up to 6% of
-a rank's peak in the dry run; NCCL waits for them at once).
+sends that gloo, answering one work per operation, keeps until the step's end (NCCL's coalesced batch is
+waited for at once; engine/memory.py's coalesced_p2p).
 """
 from __future__ import annotations
 
