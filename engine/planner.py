@@ -47,6 +47,11 @@ the final norm (as above) and the loss: PyTorch's log-softmax (n V/t fp32), the 
 gradient (n V/t e), or the fused kernel's hidden and weight gradients (n h e + V h/t fp32).
 In flight on a pipeline rank (counted in layer chunks): GPipe m microbatches; 1F1B min(p - r, m) on rank r;
 interleaved 2(p - 1 - r) + (v - 1) p + 1 chunk-microbatches (Megatron-LM's warm-up plus one), at most m v.
+Each chunk-microbatch in flight also keeps its output, n h/q fp32, in the pipeline runner until its backward.
+Beside the activations at the peak (transient_bytes, measured against `flan memory`'s dry run): under bf16 the
+bf16 gradients of a chunk's weight casts (its layers' parameters at e bytes, alive until the chunk's backward
+ends), or, whichever is larger, at the end of backward the data-parallel buckets (one fp32 copy of the rank's
+gradients but the tied embedding's) when dp > 1.
 
 Step time: the FLOPs of engine.info.training_flops_per_token (plus one more forward with recomputation) shared
 by the N GPUs at `efficiency` x peak; tensor-parallel collectives (4 per layer and microbatch, 6 with
@@ -55,7 +60,9 @@ recomputation, of n h e bytes over NVLink with ring traffic 2(t-1)/t) added to t
 (or ZeRO-1's reduce-scatter + all-gather, the same ring volume) of the rank's gradients, over the inter-node
 links when the group spans nodes, exposed for the fraction not overlapped. MFU counts the model's FLOPs only.
 Not modelled: small-microbatch GEMM efficiency, stage imbalance from the head, allocator fragmentation (the
-`reserve` fraction of memory stands for it, with the CUDA context and communication buffers).
+`reserve` fraction of memory stands for it, with the CUDA context and NCCL's own buffers), and the pipeline
+sends that gloo, answering one work per operation, keeps until the step's end (NCCL's coalesced batch is
+waited for at once; engine/memory.py's coalesced_p2p).
 """
 from __future__ import annotations
 
@@ -295,6 +302,31 @@ def cast_bytes(params: RankParameters, precision: Precision) -> float:
     return params.elements * precision.activation_bytes if precision.master_bytes else 0.0
 
 
+GRADIENT_BYTES = 4
+"""The engine accumulates fp32 gradients (its parameters' dtype) under either precision."""
+
+
+def transient_bytes(cfg: Config, layout: Layout, rows: int, precision: Precision, pp_rank: int,
+                    held: RankParameters, shapes: ModelShapes) -> float:
+    """Bytes beside the training state at the rank's peak, the larger of two moments, plus autocast's weight
+    copies (kept for the whole step):
+    - in a backward of the steady state, the activations and the bf16 gradients of the chunk's weight casts:
+      the casts are cached from the step's first microbatch, so in a later one's backward their nodes are the
+      oldest and autograd runs them last, holding every weight gradient of the chunk (of one layer without
+      pipelining) in bf16 until the chunk's backward ends;
+    - at the end of the last backward, the data-parallel buckets (engine/parallel/data.py): a flat fp32 copy of
+      the rank's gradients, each bucket from its launch until the reduction is waited for after backward (the
+      tied embedding is reduced later, on its own)."""
+    layer = _count([_local_shape(n, s, layout.tp) for n, s in shapes.layer]).elements
+    chunk_layers = layers_per_chunk(cfg, layout) if layout.pp > 1 else 1
+    cast_grads = chunk_layers * layer * precision.activation_bytes if precision.master_bytes else 0.0
+    busy = activation_bytes(cfg, layout, rows, precision, pp_rank) + cast_grads
+    tied = cfg.model.tie_embeddings and layout.pp > 1 and pp_rank in (0, layout.pp - 1)
+    late = _count([_local_shape(n, s, layout.tp) for n, s in shapes.embedding]).elements if tied else 0
+    buckets = (held.elements - late) * GRADIENT_BYTES if layout.dp > 1 else 0.0
+    return cast_bytes(held, precision) + max(busy, buckets)
+
+
 def pipeline_rank(layout: Layout, stage: str | int) -> int:
     return {"first": 0, "last": layout.pp - 1}.get(stage, stage)
 
@@ -316,7 +348,12 @@ def kept_activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Pre
         layout.microbatches if layout.schedule == "gpipe" else 1)
     edge = (edges["first"] + edges["last"] if layout.pp == 1 else edges["first"] if r == 0 else
             edges["last"] if r == layout.pp - 1 else 0.0)
-    return blocks + edge_count * edge
+    # The pipeline runner keeps each chunk's output (the fp32 residual stream, n h/q) until that chunk's
+    # backward, beside the block inputs counted above; the last rank's final chunk returns a loss instead.
+    q = layout.tp if layout.sp else 1
+    outputs = (chunks - (r == layout.pp - 1)) * rows * cfg.data.seq_len * cfg.model.d_model / q * 4 \
+        if layout.pp > 1 else 0.0
+    return blocks + edge_count * edge + outputs
 
 
 def activation_bytes(cfg: Config, layout: Layout, rows: int, precision: Precision, stage: str) -> float:
@@ -376,11 +413,12 @@ def plan(cfg: Config, layout: Layout, hw: Hardware, precision: Precision = BF16_
         raise ValueError(f"planner: train.batch_size={batch} rows do not split into dp={layout.dp} x "
                          f"microbatches={layout.microbatches}; choose a batch size both divide")
     rows = batch // (layout.dp * layout.microbatches)
-    params = rank_parameters(cfg, layout, shapes or model_shapes(cfg))
+    shapes = shapes or model_shapes(cfg)
+    params = rank_parameters(cfg, layout, shapes)
     ranks = {}
     for stage in ("first", "last"):
         states = state_bytes(cfg, layout, params[stage], precision)
-        act = activation_bytes(cfg, layout, rows, precision, stage) + cast_bytes(params[stage], precision)
+        act = transient_bytes(cfg, layout, rows, precision, pipeline_rank(layout, stage), params[stage], shapes)
         ranks[stage] = (sum(states.values()) + act, states, act)
     total, states, act = max(ranks.values(), key=lambda r: r[0])
     heaviest = max(params.values(), key=lambda r: r.elements)
@@ -411,7 +449,7 @@ def rank_bytes(cfg: Config, layout: Layout, pp_rank: int, precision: Precision =
         if cfg.model.tie_embeddings and layout.pp > 1:
             held += [_local_shape(n, s, layout.tp) for n, s in shapes.embedding]
     out = state_bytes(cfg, layout, _count(held), precision)
-    out["activations"] = activation_bytes(cfg, layout, rows, precision, pp_rank) + cast_bytes(_count(held), precision)
+    out["activations"] = transient_bytes(cfg, layout, rows, precision, pp_rank, _count(held), shapes)
     out["total"] = sum(out.values())
     return out
 

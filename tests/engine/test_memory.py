@@ -53,3 +53,20 @@ def test_memory_json(capsys):
     assert out["rank"] == 1 and out["pp_rank"] == 1
     assert out["peak_bytes"] >= sum(out["categories"].values()) * (1 - TOLERANCE) > 0
     assert 0 < out["planned_bytes"]
+
+
+def test_gpu_dry_runs_answer_a_point_to_point_batch_with_one_work_as_nccl_does():
+    """The pipeline runner waits at once for a batch that comes back as one work (NCCL) and keeps per-operation
+    sends (gloo, the fake backend) until the step's end; GPU dry runs get NCCL's answer, and only inside."""
+    import torch
+    import torch.distributed as dist
+
+    from engine.memory import coalesced_p2p, fake_world
+
+    with fake_world(0, 2):
+        ops = [dist.P2POp(dist.isend, torch.ones(3), 1), dist.P2POp(dist.irecv, torch.empty(3), 1)]
+        assert len(dist.batch_isend_irecv(ops)) == 2
+        with coalesced_p2p():
+            works = dist.batch_isend_irecv(ops)
+            assert len(works) == 1 and works[0].wait()
+        assert len(dist.batch_isend_irecv(ops)) == 2
