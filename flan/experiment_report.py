@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flan.report import DIFFERENCE
+from flan.report import DIFFERENCE, interval_text, verdict
 from flan.stats import Z95
 
 ALL = "*"
@@ -68,10 +68,6 @@ def differences(steps) -> list[dict]:
     return out
 
 
-def _interval(r: dict) -> str:
-    return f"{r['value']:.1f} ± {Z95 * r['stderr']:.1f}"
-
-
 def with_mean_series(rows: list[dict]) -> list[dict]:
     """Add the "mean" group: at every x, the mean over the groups there (the paper's average curve)."""
     out = list(rows)
@@ -93,14 +89,14 @@ def markdown(exp: dict, rows: list[dict], diffs: list[dict], records: list[dict]
     lines = [f"# {exp['title']}", "", f"Paper: {exp['paper']}. Command: `{command}`", "",
              f"| {exp.get('x_label', 'x')} | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
     for x in xs:
-        cells = [_interval(by[(x, g)]) if (x, g) in by else "–" for g in groups]
+        cells = [interval_text(by[(x, g)]) if (x, g) in by else "–" for g in groups]
         lines.append(f"| {x} | " + " | ".join(cells) + " |")
     lines += ["", INTERVAL_NOTE]
     if diffs:
         lines += ["", "## Tuned minus base, paired by example", "",
                   "| step | scored | metric | difference | verdict |", "|---|---|---|---:|---|"]
-        lines += [f"| {d['step']} | {d['scored']} | {d['metric']} | {_interval(d)} | "
-                  f"{'within noise' if d['within_noise'] else ('tuned higher' if d['value'] > 0 else 'base higher')} |"
+        lines += [f"| {d['step']} | {d['scored']} | {d['metric']} | {interval_text(d)} | "
+                  f"{verdict(d)} |"
                   for d in diffs]
     lines += ["", "## Steps", "", "| step | kind | reused | wall s |", "|---|---|---|---:|"]
     lines += [f"| {r['name']} | {r['kind']} | {'yes' if r['reused'] else 'no'} | {r['wall_s']:.1f} |"

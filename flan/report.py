@@ -123,11 +123,13 @@ def _models(rows) -> list[str]:
     return [m for m in dict.fromkeys(r["model"] for r in rows) if m != DIFFERENCE]
 
 
-def _interval(r: dict) -> str:
+def interval_text(r: dict) -> str:
+    """A row's value with its 95% interval, as every table writes it."""
     return f"{r['value']:.1f} ± {Estimate(r['value'], r['stderr'], r['n']).half_width:.1f}"
 
 
-def _verdict(r: dict) -> str:
+def verdict(r: dict) -> str:
+    """A paired difference's reading: within noise, or which side is higher."""
     if r["within_noise"]:
         return "within noise"
     return "tuned higher" if r["value"] > 0 else "base higher"
@@ -152,7 +154,7 @@ def markdown_table(rows: list[dict]) -> str:
     for (cluster, metric), group in _group(clusters, "cluster", "metric").items():
         cells = [by_cluster.get((m, cluster, metric)) for m in models]
         lines.append(f"| {_seen(cluster, group[0])} | {metric} | " + " | ".join(
-            _interval(c) if c else "–" for c in cells) + " |")
+            interval_text(c) if c else "–" for c in cells) + " |")
     lines += ["", f"## Datasets ({split} split; mean ± 95% interval, spread = std over templates; best = template "
               "picked on dev)", "",
               "| dataset | cluster | metric | " + " | ".join(f"{m} mean | {m} best" for m in models) + " |",
@@ -162,7 +164,7 @@ def markdown_table(rows: list[dict]) -> str:
         cells = []
         for m in models:
             mean, best = find.get((m, dataset, metric, "mean")), find.get((m, dataset, metric, "best"))
-            cells.append(f"{_interval(mean)} (spread {mean['spread']:.1f}, {mean['templates']}t, n={mean['n']})"
+            cells.append(f"{interval_text(mean)} (spread {mean['spread']:.1f}, {mean['templates']}t, n={mean['n']})"
                          if mean else "–")
             cells.append(f"{best['value']:.1f} (t{best['picked']})" if best else "–")
         lines.append(f"| {_seen(dataset, group[0])} | {_seen(cluster, group[0])} | {metric} | " + " | ".join(cells)
@@ -173,8 +175,8 @@ def markdown_table(rows: list[dict]) -> str:
                   "| dataset | cluster | metric | difference ± 95% | verdict |", "|---|---|---|---:|---|"]
         for r in sorted(diffs, key=lambda r: (r["cluster"], r["dataset"] == ALL_DATASETS, r["dataset"])):
             name = "(cluster average)" if r["dataset"] == ALL_DATASETS else r["dataset"]
-            lines.append(f"| {_seen(name, r)} | {_seen(r['cluster'], r)} | {r['metric']} | {_interval(r)} | "
-                         f"{_verdict(r)} |")
+            lines.append(f"| {_seen(name, r)} | {_seen(r['cluster'], r)} | {r['metric']} | {interval_text(r)} | "
+                         f"{verdict(r)} |")
     cut = [r for r in means if r.get("primary") and r.get("truncated")]
     lines += ["", "## Prompts cut to fit the model's input length", ""]
     lines += [f"- {r['model']} {r['dataset']}: {r['truncated']} of {r['requests']} prompts" for r in cut] or ["- none"]
