@@ -11,7 +11,8 @@
 # our TMA path against our pointer path in a step of its own (attention-tma: its autotuning and any failure
 # stay out of the peer comparison; the summary's ratios give triton-tma ms / triton ms);
 # CE and linear CE against torch eager, torch.compile and Liger in bf16 and fp32; train_step tokens/s and
-# MFU of gpu-125m and gpu-1.3b with each kernel choice. Each step writes JSON under OUT/<step>/ and its log
+# MFU of gpu-125m with each kernel choice (attention, its TMA tiles and fused backward, loss) and of gpu-1.3b
+# with the torch paths and the three flash-kernel variants under the fused loss. Each step writes JSON under OUT/<step>/ and its log
 # to OUT/<step>.log; a failing step is recorded and the suite goes on (a GPU hour measures, not debugs),
 # exiting 1 at the end if any failed.
 # OUT/summary.md and OUT/summary.json (benchmarks/sm90_report.py) carry device, date, commit and command.
@@ -28,7 +29,7 @@ if [ "$MODE" = "--smoke" ]; then
     STEPS=(
         "attention-check|$PY -m benchmarks.attention --check fp16 --smoke --tma --out $OUT/attention-check"
         "ce|$PY benchmarks/cross_entropy.py --smoke --tokens 16 --vocab 256 --providers ours --out $OUT/ce"
-        "train|$PY -m benchmarks.sm90_train configs/tiny.toml --smoke --choices triton/triton --out $OUT/train"
+        "train|$PY -m benchmarks.sm90_train configs/tiny.toml --smoke --choices triton/triton triton+tma+fused-bwd/triton --out $OUT/train"
     )
     STEP_TIMEOUT=300
 else
@@ -42,7 +43,7 @@ else
         "ce-bf16|$PY benchmarks/cross_entropy.py --dtype bf16 --tokens 16384 --vocab 32768 131072 --out $OUT/ce-bf16"
         "ce-fp32|$PY benchmarks/cross_entropy.py --dtype fp32 --tokens 16384 --vocab 32768 131072 --out $OUT/ce-fp32"
         "train-125m|$PY -m benchmarks.sm90_train configs/gpu-125m.toml --warmup 3 --steps 5 --train.batch_size=16 --train.grad_accum=1 --out $OUT/train-125m"
-        "train-1.3b|$PY -m benchmarks.sm90_train configs/gpu-1.3b.toml --warmup 2 --steps 4 --train.batch_size=8 --train.grad_accum=1 --out $OUT/train-1.3b"
+        "train-1.3b|$PY -m benchmarks.sm90_train configs/gpu-1.3b.toml --warmup 2 --steps 4 --train.batch_size=8 --train.grad_accum=1 --choices torch/torch triton/fused triton+tma/fused triton+fused-bwd/fused --out $OUT/train-1.3b"
     )
     STEP_TIMEOUT=240
 fi

@@ -3,7 +3,7 @@
     python -m benchmarks.sm90_train configs/gpu-125m.toml --out OUT        # GPU: every kernel choice
     python -m benchmarks.sm90_train configs/tiny.toml --smoke --out OUT    # CPU interpreter, one tiny step
 
-For each (attention, loss) choice it builds the preset's model through the engine's own path
+For each kernel choice ATTENTION/LOSS it builds the preset's model through the engine's own path
 (resolve_auto, init_mesh, build_layout, the Layout's optimizer) and times `train_step`, the function the
 training loop runs, on synthetic rows of the preset's length: unpacked (one document per row) and packed
 (documents of 1/8 to 1/2 of the row laid end to end). Tokens/s counts every token of the step; model
@@ -27,7 +27,10 @@ from engine.info import training_flops_per_token
 from engine.parallel import init_mesh
 from engine.train import build_layout, train_step
 
-CHOICES = [("torch", "torch"), ("triton", "torch"), ("triton", "triton"), ("triton", "fused")]
+# ATTENTION/LOSS; "+tma" and "+fused-bwd" after triton set model.attention_tiles=tma and
+# model.attention_backward=fused.
+CHOICES = ["torch/torch", "triton/torch", "triton/triton", "triton/fused", "triton+tma/fused", "triton+fused-bwd/fused"]
+MODIFIERS = {"tma": "--model.attention_tiles=tma", "fused-bwd": "--model.attention_backward=fused"}
 H100_BF16_TFLOPS = 989.0
 SMOKE_OVERRIDES = ["--train.device=cpu", "--train.batch_size=2", "--data.seq_len=32", "--model.n_layers=1",
                    "--model.d_model=64", "--model.n_heads=2", "--model.n_kv_heads=1", "--model.head_dim=32",
@@ -50,6 +53,16 @@ def synthetic_batch(batch: int, seq_len: int, vocab: int, packed: bool, seed: in
             seg += 1
         rows.append(row)
     return Batch(tokens=tokens, labels=labels, segment_ids=torch.tensor(rows, dtype=torch.int32))
+
+
+def choice_flags(choice: str) -> list[str]:
+    """A CHOICES entry as --model flags, e.g. triton+tma/fused -> attention triton, TMA tiles, loss fused."""
+    attention, sep, loss = choice.partition("/")
+    impl, *modifiers = attention.split("+")
+    unknown = [m for m in modifiers if m not in MODIFIERS]
+    if not sep or unknown:
+        raise SystemExit(f"--choices {choice}: write ATTENTION[+tma][+fused-bwd]/LOSS, e.g. triton+tma/fused")
+    return [f"--model.attention={impl}", *(MODIFIERS[m] for m in modifiers), f"--model.loss={loss}"]
 
 
 def measure(cfg, packed: bool, warmup: int, steps: int, peak_tflops: float) -> dict:
@@ -86,8 +99,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="preset, e.g. configs/gpu-125m.toml")
     p.add_argument("--smoke", action="store_true", help="CPU interpreter: a one-layer model, 2 x 32 tokens, 1 step")
-    p.add_argument("--choices", nargs="+", default=[f"{a}/{b}" for a, b in CHOICES],
-                   help="attention/loss pairs to run (default every one)")
+    p.add_argument("--choices", nargs="+", default=CHOICES,
+                   help="ATTENTION[+tma][+fused-bwd]/LOSS choices to run (default every one)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--peak-tflops", type=float, default=H100_BF16_TFLOPS, help="per-device peak for MFU")
@@ -97,15 +110,18 @@ def main(argv=None) -> None:
         overrides = [*SMOKE_OVERRIDES, *overrides]
         args.warmup, args.steps = 0, 1
     rows = []
-    for attention, loss in (choice.split("/") for choice in args.choices):
-        cfg = load_config(args.config, [*overrides, f"--model.attention={attention}", f"--model.loss={loss}"])
+    for choice in args.choices:
+        cfg = load_config(args.config, [*overrides, *choice_flags(choice)])
+        m = cfg.model
         for packed in (False, True):
-            row = dict(config=args.config, attention=attention, loss=loss, layout="packed" if packed else "unpacked",
+            row = dict(choice=choice, layout="packed" if packed else "unpacked",
                        tokens=cfg.train.batch_size * cfg.data.seq_len)
             row.update(measure(cfg, packed, args.warmup, args.steps, args.peak_tflops))
+            row.update(attention=m.attention, attention_tiles=m.attention_tiles,
+                       attention_backward=m.attention_backward, loss=m.loss, config=args.config)
             rows.append(row)
-            print(f"  {attention}/{loss} {row['layout']}: {row['tokens_per_s']:.0f} tokens/s", flush=True)
-    print_table(rows, ["attention", "loss", "layout", "tokens", "step_s", "tokens_per_s", "model_tflops", "mfu",
+            print(f"  {choice} {row['layout']}: {row['tokens_per_s']:.0f} tokens/s", flush=True)
+    print_table(rows, ["choice", "layout", "tokens", "step_s", "tokens_per_s", "model_tflops", "mfu",
                        "peak_gib"], title=f"train_step throughput, {args.config}")
     out = output_dir("sm90_train", args.out)
     print(f"wrote {write_json(out / 'train.json', rows, dict(environment(), args=vars(args), overrides=overrides))}")

@@ -52,6 +52,12 @@ class ModelConfig:
     attention: Literal["auto", "torch", "triton"] = "auto"
     """Attention implementation: the Triton flash kernel, the PyTorch path, or auto (`resolve_auto`: Triton on
     CUDA)."""
+    attention_tiles: Literal["pointers", "tma"] = "pointers"
+    """How the flash kernel (attention = triton) moves its tiles: through pointers, or through Hopper's TMA tensor
+    descriptors (sm_90 or newer). Pointers until a GPU measures which is faster (gpu_suite.sh's attention-tma)."""
+    attention_backward: Literal["split", "fused"] = "split"
+    """The flash kernel's backward: dQ in its own kernel (deterministic), or by fp32 atomics inside the dK/dV
+    kernel (FA2's one pass; not bitwise reproducible)."""
     loss: Literal["auto", "torch", "triton", "fused"] = "auto"
     """Cross-entropy: PyTorch, the Triton kernel on logits, the fused output-projection kernel, or auto
     (`resolve_auto`: fused on CUDA, which tensor parallelism runs as the vocab-parallel Triton kernel)."""
@@ -246,6 +252,9 @@ class Config:
                                          or m.rope_original_max_len < 1):
             fail("model.rope_scaling", f"{m.rope_scaling} needs rope_factor > 0, rope_high_freq_factor > "
                  "rope_low_freq_factor and rope_original_max_len >= 1")
+        if m.attention == "torch" and (m.attention_tiles, m.attention_backward) != ("pointers", "split"):
+            fail("model.attention_tiles" if m.attention_tiles != "pointers" else "model.attention_backward",
+                 "chooses a flash-kernel path, but model.attention is torch; set --model.attention=triton (or auto)")
         if m.head_dim % 2:
             fail("model.head_dim", f"is {m.head_dim}; rotary embeddings need an even head_dim")
         for name in ("tp", "pp", "virtual_stages", "microbatches"):
@@ -382,12 +391,14 @@ def resolve_auto(cfg: Config, cuda_available: bool | None = None) -> Config:
         model.attention  triton (the flash kernel) on cuda, torch on cpu
         model.loss       fused (the output projection + cross-entropy kernel) on cuda, torch on cpu
 
+and refuses model.attention_tiles = tma on a GPU older than sm_90.
+
     Checkpoints keep the configuration as written, so a run trained on GPUs still resolves to the CPU paths
     when loaded on a CPU. `cuda_available` overrides torch's answer (tests).
     """
-    if cuda_available is None:
-        import torch
+    import torch
 
+    if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     out = copy.deepcopy(cfg)
     t, m = out.train, out.model
@@ -402,10 +413,23 @@ def resolve_auto(cfg: Config, cuda_available: bool | None = None) -> Config:
         m.attention = "triton" if gpu else "torch"
     if m.loss == "auto":
         m.loss = "fused" if gpu else "torch"
+    if m.attention == "triton" and m.attention_tiles == "tma" and gpu and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major < 9:
+            raise ConfigError(f"model.attention_tiles: tma needs sm_90 (Hopper) or newer; this GPU is "
+                              f"sm_{major}{minor}. Use --model.attention_tiles=pointers")
     return out
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+KERNEL_FIELDS = ("attention", "attention_tiles", "attention_backward", "loss")
+"""The [model] fields that choose kernels, not the model's shape or weights: a run from a checkpoint keeps the
+checkpoint's shape and takes these from its own config."""
+
+
+def with_kernels(shape: ModelConfig, kernels: ModelConfig) -> ModelConfig:
+    """`shape` with the KERNEL_FIELDS of `kernels`."""
+    return dataclasses.replace(shape, **{name: getattr(kernels, name) for name in KERNEL_FIELDS})
 
 
 def _coerce(value: Any, typ: Any, where: str, from_flag: bool) -> Any:

@@ -153,7 +153,8 @@ def gpu_config(cfg: Config) -> Config:
     """`cfg` as it resolves on a GPU, measured on the CPU's fake tensors with the PyTorch attention and loss."""
     out = resolve_auto(cfg, cuda_available=True)
     out.train.device = "cpu"
-    out.model = dataclasses.replace(out.model, attention="torch", loss="torch")
+    out.model = dataclasses.replace(out.model, attention="torch", attention_tiles="pointers",
+                                    attention_backward="split", loss="torch")
     return out
 
 

@@ -111,14 +111,16 @@ def attention_torch(q, k, v, segment_ids, *, causal=True, q_segment_ids=None, q_
     return out * (q_seg != 0)[:, :, None, None].to(out.dtype)
 
 
-def attention(q, k, v, segment_ids, impl: str):
+def attention(q, k, v, segment_ids, impl: str, tiles: str, backward: str):
     """The one attention entry point of the model: the Triton flash kernel or the PyTorch path.
 
-    For "triton", segment_ids is what `attention_masking` prepared: None or the kernel's segments."""
+    For "triton", segment_ids is what `attention_masking` prepared: None or the kernel's segments; tiles and
+    backward are ModelConfig.attention_tiles and attention_backward."""
     if impl == "triton":
         from kernels.attention import flash_attention
 
-        return flash_attention(q, k, v, causal=True, segment_ids=segment_ids)
+        return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, tma=tiles == "tma",
+                               fused_backward=backward == "fused")
     return attention_torch(q, k, v, segment_ids)
 
 
@@ -155,7 +157,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.impl = cfg.attention
+        self.impl, self.tiles, self.backward = cfg.attention, cfg.attention_tiles, cfg.attention_backward
         self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -168,7 +170,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, S, -1, self.head_dim)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is None:
-            out = attention(q, k, v, segment_ids, self.impl)
+            out = attention(q, k, v, segment_ids, self.impl, self.tiles, self.backward)
         else:
             offset = cache.length
             if offset:

@@ -27,7 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from engine.config import Config
+from engine.config import KERNEL_FIELDS, Config
 from engine.info import parameter_table
 from engine.paths import REPO_ROOT
 
@@ -60,7 +60,7 @@ def run_record(kind: str, cfg: Config, resolved: Config, layout_summary: dict, w
     return {"kind": kind, "parameters": sum(parameter_table(cfg).values()), "layout": layout_summary,
             "world_size": world_size, "tokens_per_step": tokens_per_step, "commit": commit, "dirty": dirty,
             "config_hash": config_hash(cfg),
-            "kernels": {"attention": resolved.model.attention, "loss": resolved.model.loss},
+            "kernels": {name: getattr(resolved.model, name) for name in KERNEL_FIELDS},
             "precision": resolved.train.precision, "init_from": init_from,
             "heldout_clusters": list(heldout_clusters), "config": cfg.to_dict()}
 

@@ -8,7 +8,7 @@
 
 `--checkpoint` and `--base` take a run folder (its newest checkpoint) or a step-NNNNNN folder. Each model is
 rebuilt from the config stored in its checkpoint and tokenizes with its own tokenizer; the CONFIG file
-gives the [eval] and [data] settings. `--base auto` compares against the checkpoint the tuned run started
+gives the [eval] and [data] settings and the kernels (engine.config.KERNEL_FIELDS). `--base auto` compares against the checkpoint the tuned run started
 from (the exact step folder its run.json records as init_from), when it has one. Datasets default to the
 clusters the checkpoint was tuned without (its run.json heldout_clusters; the config's held-out cluster when
 it has no run.json); a cluster it was tuned on is refused unless --allow-seen, and then labelled "seen".
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from engine.checkpoint import COMPLETE, latest_checkpoint, load_meta
-from engine.config import Config, config_from_dict, load_config, resolve_auto
+from engine.config import Config, config_from_dict, load_config, resolve_auto, with_kernels
 from engine.errors import UsageError
 
 
@@ -46,9 +46,10 @@ def resolve_checkpoint(path: str | Path, flag: str) -> Path:
 
 
 def eval_run_config(step_cfg: Config, cfg: Config) -> Config:
-    """How a checkpoint runs here: its own model and tokenizer, the eval config's [parallel] layout and
-    train.device, eval.precision as the autocast precision; every "auto" resolved for this device."""
+    """How a checkpoint runs here: its own model shape and tokenizer, the eval config's kernels, [parallel]
+    layout and train.device, eval.precision as the autocast precision; every "auto" resolved for this device."""
     run = copy.deepcopy(step_cfg)
+    run.model = with_kernels(step_cfg.model, cfg.model)
     run.parallel = copy.deepcopy(cfg.parallel)
     run.train.device, run.train.precision = cfg.train.device, cfg.eval.precision
     return resolve_auto(run.validate("flan eval (the checkpoint's config with the eval layout)"))

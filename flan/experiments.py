@@ -132,10 +132,10 @@ def _model_flags(size: dict | None) -> tuple[str, ...]:
         return ()
     fields = {k: v for k, v in size.items() if k not in ("name", "preset")}
     if "preset" in size:
-        from engine.config import load_config
+        from engine.config import KERNEL_FIELDS, load_config
 
         model = load_config(size["preset"]).model.__dict__
-        fields = {**{k: v for k, v in model.items() if k not in ("attention", "loss")}, **fields}
+        fields = {**{k: v for k, v in model.items() if k not in KERNEL_FIELDS}, **fields}
     return tuple(f"--model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items())
 
 

@@ -5,7 +5,7 @@
     flan eval configs/tiny.toml --checkpoint runs/tiny-flan --datasets rte --prompt DIR/prompt.safetensors
 
 The model (its shape) and tokenizer come from the checkpoint's stored config; CONFIG gives the [optim], [train],
-[data] and [parallel] settings and the kernels (model.attention, model.loss). Rows hold one example each: the
+[data] and [parallel] settings and the kernels (engine.config.KERNEL_FIELDS). Rows hold one example each: the
 dataset's train split in a seeded order (its first --examples rows, 0 for all of them), each rendered with a
 seeded FLAN template that asks the task itself, padded to the batch's longest row. The prompt lands in
 OUT/prompt.safetensors (default <checkpoint's run>/prompts/<dataset>-p<N>-k<examples>), with its provenance in
@@ -13,7 +13,6 @@ the file's metadata, next to metrics.jsonl and run.json.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.batch import Batch
-from engine.config import Config, ConfigError
+from engine.config import Config, ConfigError, with_kernels
 from flan.packing import encode_pairs, rows_to_batch
 
 
@@ -98,7 +97,7 @@ def cmd_prompt_tune(args) -> int:
     step = resolve_checkpoint(args.checkpoint, "--checkpoint")
     stored = config_from_dict(load_meta(step)["config"], f"{step} (its stored config)")
     # The checkpoint fixes the model's shape; CONFIG still picks the kernels.
-    cfg.model = dataclasses.replace(stored.model, attention=cfg.model.attention, loss=cfg.model.loss)
+    cfg.model = with_kernels(stored.model, cfg.model)
     spec = load_registry().get(args.dataset)
     tokenizer = load_tokenizer(stored)
     out = Path(args.out) if args.out else default_out(step, spec.name, args.prompt_length, args.examples)

@@ -41,6 +41,23 @@ def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path):
     assert all(r["ok"] for r in check)
     train = json.loads((out / "train" / "train.json").read_text())["rows"]
     assert {r["layout"] for r in train} == {"unpacked", "packed"} and all(r["tokens_per_s"] > 0 for r in train)
+    variants = {(r["choice"], r["attention_tiles"], r["attention_backward"]) for r in train}
+    assert variants == {("triton/triton", "pointers", "split"), ("triton+tma+fused-bwd/triton", "tma", "fused")}
     summary = (out / "summary.md").read_text()
     for needle in ("- device: cpu", "- commit: ", "- command: bash benchmarks/gpu_suite.sh", "## train/train.json"):
         assert needle in summary, needle
+
+
+def test_train_choices_name_the_kernel_flags():
+    from benchmarks.sm90_train import choice_flags
+
+    assert choice_flags("triton+tma+fused-bwd/fused") == ["--model.attention=triton", "--model.attention_tiles=tma",
+                                                         "--model.attention_backward=fused", "--model.loss=fused"]
+    assert choice_flags("torch/torch") == ["--model.attention=torch", "--model.loss=torch"]
+    for bad in ("triton", "triton+wgmma/fused"):
+        try:
+            choice_flags(bad)
+        except SystemExit as e:
+            assert "--choices" in str(e) and bad in str(e)
+        else:
+            raise AssertionError(f"{bad} was accepted")

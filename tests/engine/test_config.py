@@ -1,7 +1,7 @@
 """Config loading: TOML + flags, and one clear error for every kind of mistake."""
 import pytest
 
-from engine.config import ConfigError, layout_problem, load_config, resolve_auto, unresolved
+from engine.config import KERNEL_FIELDS, ConfigError, layout_problem, load_config, resolve_auto, unresolved, with_kernels
 
 
 def write(tmp_path, text):
@@ -101,3 +101,19 @@ def test_layout_rules_live_in_one_function():
     with pytest.raises(ConfigError, match=r"parallel\.pp: pp x virtual_stages = 6 exceeds model\.n_layers=4"):
         load_config("configs/tiny.toml", ["--parallel.pp=3", "--parallel.virtual_stages=2",
                                           "--parallel.schedule=interleaved", "--parallel.microbatches=3"])
+
+
+def test_runs_from_a_checkpoint_keep_its_shape_and_take_their_own_kernels():
+    """with_kernels is the one rule prompt-tune and eval use: a GPU-trained checkpoint runs on a CPU."""
+    from flan.eval_cli import eval_run_config
+
+    stored = load_config("configs/tiny.toml", ["--model.d_model=128", "--model.attention=triton",
+                                               "--model.attention_tiles=tma", "--model.attention_backward=fused",
+                                               "--model.loss=fused"])
+    here = load_config("configs/tiny.toml", ["--model.attention=torch", "--model.loss=torch"])
+    merged = with_kernels(stored.model, here.model)
+    assert merged.d_model == 128 and [getattr(merged, f) for f in KERNEL_FIELDS] == ["torch", "pointers", "split",
+                                                                                   "torch"]
+    run = eval_run_config(stored, here)
+    assert run.model == merged
+
