@@ -113,7 +113,8 @@ def test_run_json_records_provenance_and_tensorboard_mirrors_the_metrics(tmp_pat
     assert record["layout"] == {"dp": 1, "pp": 1, "tp": 1, "sp": False, "virtual_stages": 1, "schedule": "none",
                                 "microbatches": 1, "zero": 0, "recompute": "none"}
     assert record["tokens_per_step"] == 4 * 32 and record["world_size"] == 1
-    assert record["kernels"] == {"attention": "torch", "loss": "torch"} and record["precision"] == "fp32"
+    assert record["kernels"] == {"attention": "torch", "attention_tiles": "pointers", "attention_backward": "split",
+                                 "loss": "torch"} and record["precision"] == "fp32"
     assert record["config"] == cfg.to_dict() and record["config"]["model"]["attention"] == "auto"  # as written
     assert re.fullmatch(r"[0-9a-f]{64}", record["config_hash"])
     assert record["commit"] is None or re.fullmatch(r"[0-9a-f]{40}", record["commit"])
