@@ -14,14 +14,16 @@ each "prompt\\ntarget", joined and followed by the test prompt with EXEMPLAR_SEP
 all its accepted answers (`answers`) is scored against each of them when the template targets `{answer}`.
 
 The result is a list of score rows: {model, dataset, cluster, template, split, metric, value, n, stderr,
-primary, truncated, examples, per_example} (primary marks the dataset's headline metric,
-flan.metrics.primary_metric; truncated counts prompts cut to input_len; examples and per_example, the
+primary, truncated, unscored, examples, per_example} (primary marks the dataset's headline metric,
+flan.metrics.primary_metric; truncated counts prompts cut to input_len; unscored the dataset's validation
+rows left out by `scorable_rows`; examples and per_example, the
 example ids and each one's value, feed the clustered intervals of flan/report.py and are not written to
 scores.json; corpus BLEU rows carry texts and references instead of per_example).
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +36,7 @@ from flan.registry import CLUSTERS_FILE, Registry, TaskSpec, parse_clusters, par
 from flan.samples import sample_records
 from flan.layout_scorer import score_with_layout
 from flan.scorer import EvalRequest
-from flan.templates import label_index, load_templates, render_template
+from flan.templates import label_index, load_templates, options_of, render_template
 
 EXEMPLAR_SEPARATOR = "\n\n"
 ANSWERS_FIELD = "answers"  # QA rows (natural_questions, trivia_qa) list every accepted answer here
@@ -154,6 +156,16 @@ def _also_accepted(spec: TaskSpec, template, row: dict) -> tuple[str, ...]:
     return tuple(str(a) for a in row.get(ANSWERS_FIELD) or ())
 
 
+def scorable_rows(spec: TaskSpec, rows: list[dict]) -> tuple[list[dict], int]:
+    """The validation rows rank classification can score, and how many were left out: a multiple-choice
+    row with an empty option has nothing to score for it (the shared ARC sample pads 3-choice questions with
+    "" and lost every option's text in some rows). Training keeps such rows as the loaders accept them."""
+    if spec.kind != "mc":
+        return rows, 0
+    keep = [r for r in rows if all(isinstance(o, str) and o.strip() for o in options_of(spec, r))]
+    return keep, len(rows) - len(keep)
+
+
 def build_requests(spec: TaskSpec, rows: list[dict], row_ids: list[int], template_index: int, *,
                    few_shot: int = 0, train_rows: list[dict] | None = None,
                    instruction_format: str = "flan") -> list[EvalRequest]:
@@ -190,16 +202,20 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
     for spec in specs:
         if ev.few_shot and not has_split(spec, "train", data_dir):
             raise EvalError(f"--eval.few_shot={ev.few_shot}: dataset {spec.name} has no train split for exemplars")
-        rows = load_split(spec, "validation", data_dir=data_dir, bad_rows=cfg.data.bad_rows).rows
+        rows, unscored = scorable_rows(spec, load_split(spec, "validation", data_dir=data_dir,
+                                                        bad_rows=cfg.data.bad_rows).rows)
+        if unscored:
+            print(f"flan eval: {spec.name}: {unscored} validation rows have an option without text and are not "
+                  "scored (rank classification needs at least one token per option)", file=sys.stderr)
         train = load_split(spec, "train", data_dir=data_dir, bad_rows=cfg.data.bad_rows).rows if ev.few_shot else None
         dev, test = split_rows(len(rows), ev.limit, split)
-        jobs.append((spec, rows, train, dev, test, eval_templates(spec, templates)))
+        jobs.append((spec, rows, train, dev, test, eval_templates(spec, templates), unscored))
     total = sum(len(dev) * len(ts) + len(test) * (1 if templates == "best" else len(ts))
-                for _, _, _, dev, test, ts in jobs)
+                for _, _, _, dev, test, ts, _ in jobs)
     bar = progress_factory(total, label) if progress_factory else None
     out: list[dict] = []
 
-    def run(spec, rows, train, ids, t, split) -> float:
+    def run(spec, rows, train, ids, t, split, unscored) -> float:
         requests = build_requests(spec, rows, ids, t, few_shot=ev.few_shot, train_rows=train,
                                   instruction_format=cfg.data.instruction_format)
         results = score_with_layout(layout, tokenizer, requests, batch_size=ev.batch_size, input_len=input_len,
@@ -211,7 +227,7 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
         for name, s in metrics.items():
             row = {"model": label, "dataset": spec.name, "cluster": spec.cluster, "template": t, "split": split,
                    "metric": name, "value": s.value, "n": s.n, "stderr": s.stderr, "primary": name == primary,
-                   "truncated": sum(r.truncated for r in results), "examples": examples}
+                   "truncated": sum(r.truncated for r in results), "unscored": unscored, "examples": examples}
             if name in per_example:
                 row["per_example"] = per_example[name]
             else:  # corpus BLEU: the report resamples the texts themselves
@@ -223,8 +239,8 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
 
     if templates == "best" and split != "test":
         raise EvalError(f"--templates best needs the dev half to pick on; use --split test (not {split})")
-    for spec, rows, train, dev, test, chosen in jobs:
-        dev_scores = {t: run(spec, rows, train, dev, t, "dev") for t in chosen} if dev else {}
+    for spec, rows, train, dev, test, chosen, unscored in jobs:
+        dev_scores = {t: run(spec, rows, train, dev, t, "dev", unscored) for t in chosen} if dev else {}
         if templates == "best":
             if not dev_scores:
                 raise EvalError(f"--templates best: dataset {spec.name} has too few rows for a dev split; "
@@ -232,7 +248,7 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
             chosen = [max(dev_scores, key=lambda t: (dev_scores[t], -t))]
         for t in chosen:
             if test:
-                run(spec, rows, train, test, t, split)
+                run(spec, rows, train, test, t, split, unscored)
     if bar is not None:
         bar.close()
     return out

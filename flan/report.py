@@ -90,7 +90,7 @@ def summarize(rows: list[dict], split: str = "test") -> list[dict]:
         out.append(dict(base, template="mean", value=float(np.mean([r["value"] for r in group])),
                         spread=float(np.std([r["value"] for r in group])), n=est.n, templates=len(group),
                         stderr=est.stderr, truncated=sum(r.get("truncated", 0) for r in group),
-                        requests=sum(r["n"] for r in group)))
+                        unscored=group[0].get("unscored", 0), requests=sum(r["n"] for r in group)))
         picks = [r for r in dev if r["model"] == model and r["dataset"] == dataset]
         if picks:
             best = max(picks, key=lambda r: (r["value"], -r["template"]))["template"]
@@ -180,6 +180,10 @@ def markdown_table(rows: list[dict]) -> str:
     cut = [r for r in means if r.get("primary") and r.get("truncated")]
     lines += ["", "## Prompts cut to fit the model's input length", ""]
     lines += [f"- {r['model']} {r['dataset']}: {r['truncated']} of {r['requests']} prompts" for r in cut] or ["- none"]
+    unscored = {r["dataset"]: r["unscored"] for r in means if r.get("primary") and r.get("unscored")}
+    if unscored:
+        lines += ["", "## Validation rows not scored (an option without text)", ""]
+        lines += [f"- {dataset}: {n} rows" for dataset, n in sorted(unscored.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -212,6 +212,30 @@ def test_eval_command_writes_scores_for_tuned_and_base(tiny_run, tmp_path, capsy
     assert {"text", "references"} <= set(gen) and "rougeL" in gen["metrics"]
 
 
+def test_rows_with_an_option_without_text_are_left_out_and_reported(tiny_run, tmp_path, shared_data, capsys):
+    """The shared ARC sample pads 3-choice questions with "" and lost every option's text in some rows: eval
+    scores the rest (rank classification cannot score an option of no tokens) and says how many it left."""
+    from flan.evaluate import scorable_rows
+    from flan.loaders import load_split
+
+    arc = load_registry().get("arc_easy")
+    rows = load_split(arc, "validation", data_dir=shared_data).rows
+    keep, unscored = scorable_rows(arc, rows)
+    empty = [r for r in rows if any(not o.strip() for o in r["options"])]
+    assert empty and unscored == len(empty) and len(keep) + unscored == len(rows)
+    assert all(all(o.strip() for o in r["options"]) for r in keep)
+    out = tmp_path / "eval"
+    code = run_flan(["eval", "configs/tiny.toml", "--checkpoint", str(tiny_run), "--base", "none", "--datasets",
+                     "arc_easy", "--templates", "0", "--limit", str(len(rows)), "--out", str(out), "--no-samples"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert f"arc_easy: {unscored} validation rows have an option without text" in captured.err
+    mean = [r for r in json.loads((out / "scores.json").read_text())["rows"]
+            if r["template"] == "mean" and r["dataset"] == "arc_easy"]
+    assert mean and all(r["unscored"] == unscored and r["n"] == len(keep) for r in mean)
+    assert f"- arc_easy: {unscored} rows" in (out / "scores.md").read_text()
+
+
 def test_eval_command_errors_name_the_argument(tiny_run, tmp_path, capsys):
     assert run_flan(["eval", "configs/tiny.toml", "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "--checkpoint" in capsys.readouterr().err
