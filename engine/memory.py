@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from engine.batch import Batch
-from engine.config import Config, resolve_auto
+from engine.config import Config, ModelConfig, resolve_auto, with_kernels
 
 CATEGORIES = ("weights", "gradients", "optimizer_state", "activations", "comm_buffers", "temporaries")
 _COMM_NAMESPACES = ("c10d", "_c10d_functional")
@@ -153,8 +153,7 @@ def gpu_config(cfg: Config) -> Config:
     """`cfg` as it resolves on a GPU, measured on the CPU's fake tensors with the PyTorch attention and loss."""
     out = resolve_auto(cfg, cuda_available=True)
     out.train.device = "cpu"
-    out.model = dataclasses.replace(out.model, attention="torch", attention_tiles="pointers",
-                                    attention_backward="split", loss="torch")
+    out.model = with_kernels(out.model, ModelConfig(attention="torch", loss="torch"))
     return out
 
 

@@ -162,7 +162,7 @@ def scorable_rows(spec: TaskSpec, rows: list[dict]) -> tuple[list[dict], int]:
     "" and lost every option's text in some rows). Training keeps such rows as the loaders accept them."""
     if spec.kind != "mc":
         return rows, 0
-    keep = [r for r in rows if all(isinstance(o, str) and o.strip() for o in options_of(spec, r))]
+    keep = [r for r in rows if all(o.strip() for o in options_of(spec, r))]
     return keep, len(rows) - len(keep)
 
 
@@ -199,23 +199,24 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
     (flan/samples.py) are appended to `samples` when it is a list."""
     ev = cfg.eval
     jobs = []  # (spec, validation rows, train rows, dev ids, test ids, templates)
+    unscored: dict[str, int] = {}  # dataset -> validation rows scorable_rows left out
     for spec in specs:
         if ev.few_shot and not has_split(spec, "train", data_dir):
             raise EvalError(f"--eval.few_shot={ev.few_shot}: dataset {spec.name} has no train split for exemplars")
-        rows, unscored = scorable_rows(spec, load_split(spec, "validation", data_dir=data_dir,
-                                                        bad_rows=cfg.data.bad_rows).rows)
-        if unscored:
-            print(f"flan eval: {spec.name}: {unscored} validation rows have an option without text and are not "
+        rows, unscored[spec.name] = scorable_rows(spec, load_split(spec, "validation", data_dir=data_dir,
+                                                                   bad_rows=cfg.data.bad_rows).rows)
+        if unscored[spec.name]:
+            print(f"flan eval: {spec.name}: {unscored[spec.name]} validation rows have an option without text and are not "
                   "scored (rank classification needs at least one token per option)", file=sys.stderr)
         train = load_split(spec, "train", data_dir=data_dir, bad_rows=cfg.data.bad_rows).rows if ev.few_shot else None
         dev, test = split_rows(len(rows), ev.limit, split)
-        jobs.append((spec, rows, train, dev, test, eval_templates(spec, templates), unscored))
+        jobs.append((spec, rows, train, dev, test, eval_templates(spec, templates)))
     total = sum(len(dev) * len(ts) + len(test) * (1 if templates == "best" else len(ts))
-                for _, _, _, dev, test, ts, _ in jobs)
+                for _, _, _, dev, test, ts in jobs)
     bar = progress_factory(total, label) if progress_factory else None
     out: list[dict] = []
 
-    def run(spec, rows, train, ids, t, split, unscored) -> float:
+    def run(spec, rows, train, ids, t, split) -> float:
         requests = build_requests(spec, rows, ids, t, few_shot=ev.few_shot, train_rows=train,
                                   instruction_format=cfg.data.instruction_format)
         results = score_with_layout(layout, tokenizer, requests, batch_size=ev.batch_size, input_len=input_len,
@@ -227,7 +228,7 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
         for name, s in metrics.items():
             row = {"model": label, "dataset": spec.name, "cluster": spec.cluster, "template": t, "split": split,
                    "metric": name, "value": s.value, "n": s.n, "stderr": s.stderr, "primary": name == primary,
-                   "truncated": sum(r.truncated for r in results), "unscored": unscored, "examples": examples}
+                   "truncated": sum(r.truncated for r in results), "unscored": unscored[spec.name], "examples": examples}
             if name in per_example:
                 row["per_example"] = per_example[name]
             else:  # corpus BLEU: the report resamples the texts themselves
@@ -239,8 +240,8 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
 
     if templates == "best" and split != "test":
         raise EvalError(f"--templates best needs the dev half to pick on; use --split test (not {split})")
-    for spec, rows, train, dev, test, chosen, unscored in jobs:
-        dev_scores = {t: run(spec, rows, train, dev, t, "dev", unscored) for t in chosen} if dev else {}
+    for spec, rows, train, dev, test, chosen in jobs:
+        dev_scores = {t: run(spec, rows, train, dev, t, "dev") for t in chosen} if dev else {}
         if templates == "best":
             if not dev_scores:
                 raise EvalError(f"--templates best: dataset {spec.name} has too few rows for a dev split; "
@@ -248,7 +249,7 @@ def evaluate_model(layout, tokenizer, specs: list[TaskSpec], cfg: Config, *, dat
             chosen = [max(dev_scores, key=lambda t: (dev_scores[t], -t))]
         for t in chosen:
             if test:
-                run(spec, rows, train, test, t, split, unscored)
+                run(spec, rows, train, test, t, split)
     if bar is not None:
         bar.close()
     return out

@@ -116,4 +116,3 @@ def test_runs_from_a_checkpoint_keep_its_shape_and_take_their_own_kernels():
                                                                                    "torch"]
     run = eval_run_config(stored, here)
     assert run.model == merged
-
