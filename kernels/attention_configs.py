@@ -11,8 +11,9 @@ dims 64 and 128 with and without segments, and records registers, spills, shared
 instruction shapes (benchmarks/results/attention-ptxas-sm90/). A config stays when it fits in 255
 registers without spills, in the 227 KiB of shared memory of one H100/H200 SM, and compiles to wgmma
 (not mma.sync, nor the narrowest m64n16 from 16-row steps). Which one wins is left to the autotuner on
-the GPU. dK/dV leads with 64 queries x 128 keys on 8 warps, the tile FA2, FA3 and FlexAttention use,
-where it fits: at head dim 64 without software pipelining (num_stages=1); at 128 it spills.
+the GPU. dK/dV's candidates lead with 64 queries x 128 keys on 8 warps, the tile FA2, FA3 and
+FlexAttention use, but it spills at both head dims (at 64 by 16 bytes; at 128 by hundreds: its two
+128 x 128 fp32 accumulators take half the registers), so dK/dV runs 32 x 128 tiles.
 The TMA path (flash_attention(tma=True)) has lists of its own ("fwd_tma", ...), chosen by the same rule
 from its rows of the table; the autotune key includes TMA, so the two paths tune apart.
 Under Triton's CPU interpreter one small config: tuning there only wastes time; 16 is the smallest
@@ -24,18 +25,17 @@ import triton
 
 # Per kernel and head dim, best first, as `benchmarks.attention_ptxas.choose` picks them from the table in
 # benchmarks/results/attention-ptxas-sm90/ (tests/benchmarks/test_attention_ptxas.py keeps them equal).
-# Head dim 32 uses the 64 lists (smaller tiles only need fewer registers). dK/dV at head dim 128 has no
-# spill-free candidate yet: (32, 128, 8, 1) is the least spilling (40 bytes without segments, 0 with).
+# Head dim 32 uses the 64 lists (smaller tiles only need fewer registers).
 GPU_CONFIGS = {
     "fwd": {64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-            128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]},
-    "dq": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-           128: [(128, 64, 8, 2), (128, 32, 8, 3)]},
-    "dkdv": {64: [(64, 128, 8, 1), (32, 128, 8, 2), (32, 128, 8, 1)],
+            128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]},
+    "dq": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)],
+           128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)]},
+    "dkdv": {64: [(32, 128, 8, 2), (32, 128, 8, 1)],
              128: [(32, 128, 8, 1)]},
     # The opt-in TMA path (kernels/attention_io.py), chosen from its own rows of the table: no address
-    # arithmetic frees registers in the forward and dQ (more dQ tiles fit at 128), while dK/dV's TMA
-    # stores and loads cost it the 64 x 128 tile at 64; at 128 (32, 128, 8, 2) spills least (140 bytes).
+    # arithmetic frees registers in the forward and dQ, while dK/dV's in-kernel descriptors cost it some;
+    # at head dim 128 every dK/dV candidate spills, (32, 128, 8, 2) least (140 bytes, with segments).
     "fwd_tma": {64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
                 128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]},
     "dq_tma": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)],

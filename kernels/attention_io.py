@@ -62,10 +62,16 @@ def load_rows(src, start, stride_s, seq_len, BLOCK: tl.constexpr, HEAD_DIM: tl.c
 def store_rows(dst, start, tile, stride_s, seq_len, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
                TMA: tl.constexpr):
     """Write the (BLOCK, HEAD_DIM) `tile` over rows [start, start + BLOCK) of `dst` (`rows_source`),
-    rows past seq_len left untouched."""
+    rows past seq_len left untouched.
+
+    The pointer path's row mask is `arange < seq_len - start`, not `start + arange < seq_len` as in
+    `load_rows`: the compiler would merge the latter with the mask of the kernel's first load of the
+    same rows and keep it live through every loop until this store. At head dim 128 those registers
+    were what made the 32 x 128 dK/dV tile spill (benchmarks/results/attention-ptxas-sm90/).
+    """
     if TMA:
         dst.store([start, 0], tile)
     else:
-        offs = start + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, HEAD_DIM)
-        tl.store(dst + offs[:, None] * stride_s + offs_d[None, :], tile, mask=(offs < seq_len)[:, None])
+        offs = tl.arange(0, BLOCK)
+        ptrs = dst + (start + offs)[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
+        tl.store(ptrs, tile, mask=(offs < seq_len - start)[:, None])
