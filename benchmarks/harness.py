@@ -24,6 +24,7 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,8 +133,19 @@ def print_table(rows: Sequence[dict], columns: Sequence[str], title: str | None 
     print(format_table(rows, columns))
 
 
+def commit() -> str:
+    """The checkout's short commit hash, "+dirty" when tracked files differ from it; "unknown" outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "--quiet", "HEAD"]).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def environment() -> dict:
-    """Versions and hardware that a recorded result depends on, for the JSON's metadata."""
+    """Versions, hardware and commit that a recorded result depends on, for the JSON's metadata."""
     import triton  # imported here: the harness itself does not need triton
 
     info = {
@@ -142,6 +154,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": commit(),
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

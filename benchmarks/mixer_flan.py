@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -102,14 +101,6 @@ def generate(out: Path, shared: Path) -> dict:
     return counts
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_flan_scale(args) -> int:
     cfg = load_config(args.config, ["--data.input_len=1024", "--data.target_len=256", "--data.heldout_cluster=",
                                     f"--data.mixture_cap={args.cap}"]
@@ -145,7 +136,7 @@ def run_flan_scale(args) -> int:
            "peak_rss_mb": round(peak_mb)}
     print_table([row], list(row), title="Mixer at FLAN's size: streamed from a generated mixture, one process")
     command = "python -m benchmarks.mixer " + " ".join(sys.argv[1:])
-    meta = {**environment(), "command": command, "commit": _commit()}
+    meta = {**environment(), "command": command}
     out = Path(args.out) if args.out else REPO_ROOT / "benchmarks" / "results" / "mixer-flan"
     write_json(out / "results.json", [row], meta=meta)
     (out / "table.md").write_text(

@@ -11,21 +11,15 @@ step's rows as a markdown table.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import REPO_ROOT
+from benchmarks.harness import commit
 
 MAX_COLUMNS = 12
-
-
-def commit() -> str:
-    done = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 def device_name() -> str:
