@@ -40,24 +40,24 @@ def attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_os, stride_oh, stride_
 
 
 @triton.jit
-def _dkdv_steps(dk, dv, k, v, q_src, do_src, lse_base, delta_base, dq_base, seg_base, stride_qs, stride_dos,
-                offs_n, seg_k, start, end, seq_len, qk_scale,
+def _dkdv_steps(dk, dv, k, v, q_src, do_src, head, lse_base, delta_base, dq_base, seg_base, stride_qh, stride_qs,
+                stride_doh, stride_dos, offs_n, seg_k, start, end, seq_len, qk_scale,
                 BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, FUSED_DQ: tl.constexpr,
                 TMA: tl.constexpr):
     """Add the query tiles [start, end) of one query head to a key tile's dK and dV (transposed tiles).
 
-    q_src, do_src: `rows_source`s of the head's queries and output gradients. MASKED=False: every pair
-    allowed and every query row inside S, so nothing is masked. In the masked loop query rows past S
-    load lse = +inf, so their P is exactly 0. FUSED_DQ: also atomically add this tile's dS K into the
-    fp32 dQ rows at dq_base (row stride HEAD_DIM).
+    q_src, do_src: `rows_source`s of the batch row's queries and output gradients, read at `head`.
+    MASKED=False: every pair allowed and every query row inside S, so nothing is masked. In the masked
+    loop query rows past S load lse = +inf, so their P is exactly 0. FUSED_DQ: also atomically add this
+    tile's dS K into the fp32 dQ rows at dq_base (row stride HEAD_DIM).
     """
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(start, end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_in = offs_m < seq_len
-        q_t = load_rows(q_src, start_m, stride_qs, seq_len, BLOCK_M, HEAD_DIM, MASKED, True, TMA)
-        do = load_rows(do_src, start_m, stride_dos, seq_len, BLOCK_M, HEAD_DIM, MASKED, False, TMA)
+        q_t = load_rows(q_src, head, start_m, stride_qh, stride_qs, seq_len, BLOCK_M, HEAD_DIM, MASKED, True, TMA)
+        do = load_rows(do_src, head, start_m, stride_doh, stride_dos, seq_len, BLOCK_M, HEAD_DIM, MASKED, False, TMA)
         if MASKED:
             lse = tl.load(lse_base + offs_m, mask=rows_in, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=rows_in, other=0.0)
@@ -110,13 +110,13 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, SEG, BOUNDS,
     off_bh = tl.program_id(0)
     start_n = tl.program_id(1) * BLOCK_N
     off_b = (off_bh // n_kv_heads).to(tl.int64)
-    off_kvh = (off_bh % n_kv_heads).to(tl.int64)
+    off_kvh = off_bh % n_kv_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
     keys_in = offs_n < seq_len
-    k = load_rows(rows_source(K + off_b * stride_kb + off_kvh * stride_kh, stride_ks, seq_len, BLOCK_N, HEAD_DIM, TMA),
-                  start_n, stride_ks, seq_len, BLOCK_N, HEAD_DIM, True, False, TMA)
-    v = load_rows(rows_source(V + off_b * stride_vb + off_kvh * stride_vh, stride_vs, seq_len, BLOCK_N, HEAD_DIM, TMA),
-                  start_n, stride_vs, seq_len, BLOCK_N, HEAD_DIM, True, False, TMA)
+    k = load_rows(rows_source(K + off_b * stride_kb, stride_kh, n_kv_heads, stride_ks, seq_len, BLOCK_N, HEAD_DIM, TMA),
+                  off_kvh, start_n, stride_kh, stride_ks, seq_len, BLOCK_N, HEAD_DIM, True, False, TMA)
+    v = load_rows(rows_source(V + off_b * stride_vb, stride_vh, n_kv_heads, stride_vs, seq_len, BLOCK_N, HEAD_DIM, TMA),
+                  off_kvh, start_n, stride_vh, stride_vs, seq_len, BLOCK_N, HEAD_DIM, True, False, TMA)
     seg_base = SEG + off_b * seq_len
     seg_k = tl.load(seg_base + offs_n, mask=keys_in, other=0) if HAS_SEGMENTS else offs_n
 
@@ -127,42 +127,44 @@ def attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, SEG, BOUNDS,
     lo, flo, fhi, hi = tile_ranges(BOUNDS + off_b * 8 * seq_len + 4 * seq_len, offs_n, seq_len, plain_lo, seq_len,
                                    plain_full_lo, seq_len, BLOCK_M, HAS_SEGMENTS)
 
+    n_heads = n_kv_heads * group
+    q_src = rows_source(Q + off_b * stride_qb, stride_qh, n_heads, stride_qs, seq_len, BLOCK_M, HEAD_DIM, TMA)
+    do_src = rows_source(DO + off_b * stride_dob, stride_doh, n_heads, stride_dos, seq_len, BLOCK_M, HEAD_DIM, TMA)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for g in range(group):
-        off_h = off_kvh * group + g
-        q_src = rows_source(Q + off_b * stride_qb + off_h * stride_qh, stride_qs, seq_len, BLOCK_M, HEAD_DIM, TMA)
-        do_src = rows_source(DO + off_b * stride_dob + off_h * stride_doh, stride_dos, seq_len, BLOCK_M, HEAD_DIM,
-                             TMA)
-        off_row = (off_b * n_kv_heads * group + off_h) * seq_len  # (B, Hq, S) index of this head's row 0
+    # The loop variable is the query head itself: deriving it from a group index in the body kept one more
+    # value live across the loop, a spill at head dim 128 (benchmarks/results/attention-ptxas-sm90/).
+    for off_h in range(off_kvh * group, off_kvh * group + group):
+        off_row = (off_b * n_heads + off_h) * seq_len  # (B, Hq, S) index of this head's row 0
         dq_base = DQ_ACC + off_row * HEAD_DIM
-        dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, LSE + off_row, DELTA + off_row, dq_base,
-                             seg_base, stride_qs, stride_dos, offs_n, seg_k, flo, fhi, seq_len, qk_scale,
+        dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, off_h, LSE + off_row, DELTA + off_row, dq_base, seg_base,
+                             stride_qh, stride_qs, stride_doh, stride_dos, offs_n, seg_k, flo, fhi, seq_len, qk_scale,
                              BLOCK_M, HEAD_DIM, DOT_PRECISION, False, CAUSAL, HAS_SEGMENTS, FUSED_DQ, TMA)
-        dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, LSE + off_row, DELTA + off_row, dq_base,
-                             seg_base, stride_qs, stride_dos, offs_n, seg_k, lo, flo, seq_len, qk_scale,
+        dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, off_h, LSE + off_row, DELTA + off_row, dq_base, seg_base,
+                             stride_qh, stride_qs, stride_doh, stride_dos, offs_n, seg_k, lo, flo, seq_len, qk_scale,
                              BLOCK_M, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, FUSED_DQ, TMA)
-        dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, LSE + off_row, DELTA + off_row, dq_base,
-                             seg_base, stride_qs, stride_dos, offs_n, seg_k, fhi, hi, seq_len, qk_scale,
+        dk, dv = _dkdv_steps(dk, dv, k, v, q_src, do_src, off_h, LSE + off_row, DELTA + off_row, dq_base, seg_base,
+                             stride_qh, stride_qs, stride_doh, stride_dos, offs_n, seg_k, fhi, hi, seq_len, qk_scale,
                              BLOCK_M, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, FUSED_DQ, TMA)
-    dkv_off = off_b * stride_dkb + off_kvh * stride_dkh
-    store_rows(rows_source(DK + dkv_off, stride_dks, seq_len, BLOCK_N, HEAD_DIM, TMA), start_n,
-               (dk * softmax_scale).to(DK.dtype.element_ty), stride_dks, seq_len, BLOCK_N, HEAD_DIM, TMA)
-    store_rows(rows_source(DV + dkv_off, stride_dks, seq_len, BLOCK_N, HEAD_DIM, TMA), start_n,
-               dv.to(DV.dtype.element_ty), stride_dks, seq_len, BLOCK_N, HEAD_DIM, TMA)
+    dk_dst = rows_source(DK + off_b * stride_dkb, stride_dkh, n_kv_heads, stride_dks, seq_len, BLOCK_N, HEAD_DIM, TMA)
+    store_rows(dk_dst, off_kvh, start_n, (dk * softmax_scale).to(DK.dtype.element_ty), stride_dkh, stride_dks, seq_len,
+               BLOCK_N, HEAD_DIM, TMA)
+    dv_dst = rows_source(DV + off_b * stride_dkb, stride_dkh, n_kv_heads, stride_dks, seq_len, BLOCK_N, HEAD_DIM, TMA)
+    store_rows(dv_dst, off_kvh, start_n, dv.to(DV.dtype.element_ty), stride_dkh, stride_dks, seq_len, BLOCK_N,
+               HEAD_DIM, TMA)
 
 
 @triton.jit
-def _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-              start, end, seq_len, qk_scale,
+def _dq_steps(dq, q, do, lse, delta, k_src, v_src, kv_head, stride_kh, stride_ks, stride_vh, stride_vs, offs_m,
+              seg_q, seg_base, start, end, seq_len, qk_scale,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, TMA: tl.constexpr):
     """Add key tiles [start, end) to one query tile's dQ (scale applied once by the caller); k_src, v_src:
-    `rows_source`s of the (batch, key/value head)'s keys and values."""
+    `rows_source`s of the batch row's keys and values, read at head kv_head."""
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = load_rows(k_src, start_n, stride_ks, seq_len, BLOCK_N, HEAD_DIM, MASKED, True, TMA)
-        v_t = load_rows(v_src, start_n, stride_vs, seq_len, BLOCK_N, HEAD_DIM, MASKED, True, TMA)
+        k_t = load_rows(k_src, kv_head, start_n, stride_kh, stride_ks, seq_len, BLOCK_N, HEAD_DIM, MASKED, True, TMA)
+        v_t = load_rows(v_src, kv_head, start_n, stride_vh, stride_vs, seq_len, BLOCK_N, HEAD_DIM, MASKED, True, TMA)
         # 1. P = exp2(Q K^T * scale * log2 e - lse); padding rows have lse = +inf, hence P = 0.
         p = tl.math.exp2(tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if MASKED:
@@ -200,21 +202,21 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEG, BOUNDS,
         tile = tl.num_programs(1) - 1 - tile
     start_m = tile * BLOCK_M
     off_b = (off_bh // n_heads).to(tl.int64)
-    off_h = (off_bh % n_heads).to(tl.int64)
+    off_h = off_bh % n_heads
+    kv_head = off_h // group
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows_in = offs_m < seq_len
-    q = load_rows(rows_source(Q + off_b * stride_qb + off_h * stride_qh, stride_qs, seq_len, BLOCK_M, HEAD_DIM, TMA),
-                  start_m, stride_qs, seq_len, BLOCK_M, HEAD_DIM, True, False, TMA)
-    do = load_rows(rows_source(DO + off_b * stride_dob + off_h * stride_doh, stride_dos, seq_len, BLOCK_M, HEAD_DIM,
-                               TMA), start_m, stride_dos, seq_len, BLOCK_M, HEAD_DIM, True, False, TMA)
+    q = load_rows(rows_source(Q + off_b * stride_qb, stride_qh, n_heads, stride_qs, seq_len, BLOCK_M, HEAD_DIM, TMA),
+                  off_h, start_m, stride_qh, stride_qs, seq_len, BLOCK_M, HEAD_DIM, True, False, TMA)
+    do = load_rows(rows_source(DO + off_b * stride_dob, stride_doh, n_heads, stride_dos, seq_len, BLOCK_M, HEAD_DIM,
+                               TMA),
+                   off_h, start_m, stride_doh, stride_dos, seq_len, BLOCK_M, HEAD_DIM, True, False, TMA)
     lse = tl.load(LSE + off_bh.to(tl.int64) * seq_len + offs_m, mask=rows_in, other=float("inf"))
     delta = tl.load(DELTA + off_bh.to(tl.int64) * seq_len + offs_m, mask=rows_in, other=0.0)
     seg_base = SEG + off_b * seq_len
     seg_q = tl.load(seg_base + offs_m, mask=rows_in, other=0) if HAS_SEGMENTS else offs_m
-    k_src = rows_source(K + off_b * stride_kb + (off_h // group) * stride_kh, stride_ks, seq_len, BLOCK_N,
-                        HEAD_DIM, TMA)
-    v_src = rows_source(V + off_b * stride_vb + (off_h // group) * stride_vh, stride_vs, seq_len, BLOCK_N,
-                        HEAD_DIM, TMA)
+    k_src = rows_source(K + off_b * stride_kb, stride_kh, n_heads // group, stride_ks, seq_len, BLOCK_N, HEAD_DIM, TMA)
+    v_src = rows_source(V + off_b * stride_vb, stride_vh, n_heads // group, stride_vs, seq_len, BLOCK_N, HEAD_DIM, TMA)
 
     plain_hi = tl.minimum(seq_len, start_m + BLOCK_M) if CAUSAL else seq_len
     plain_full_hi = start_m if CAUSAL else seq_len
@@ -222,11 +224,15 @@ def attn_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SEG, BOUNDS,
                                    BLOCK_N, HAS_SEGMENTS)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-                   flo, fhi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, False, CAUSAL, HAS_SEGMENTS, TMA)
-    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-                   lo, flo, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, TMA)
-    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-                   fhi, hi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, TMA)
-    store_rows(rows_source(DQ + off_b * stride_dqb + off_h * stride_dqh, stride_dqs, seq_len, BLOCK_M, HEAD_DIM, TMA),
-               start_m, (dq * softmax_scale).to(DQ.dtype.element_ty), stride_dqs, seq_len, BLOCK_M, HEAD_DIM, TMA)
+    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, kv_head, stride_kh, stride_ks, stride_vh, stride_vs, offs_m,
+                   seg_q, seg_base, flo, fhi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, False, CAUSAL,
+                   HAS_SEGMENTS, TMA)
+    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, kv_head, stride_kh, stride_ks, stride_vh, stride_vs, offs_m,
+                   seg_q, seg_base, lo, flo, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL,
+                   HAS_SEGMENTS, TMA)
+    dq = _dq_steps(dq, q, do, lse, delta, k_src, v_src, kv_head, stride_kh, stride_ks, stride_vh, stride_vs, offs_m,
+                   seg_q, seg_base, fhi, hi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL,
+                   HAS_SEGMENTS, TMA)
+    store_rows(rows_source(DQ + off_b * stride_dqb, stride_dqh, n_heads, stride_dqs, seq_len, BLOCK_M, HEAD_DIM, TMA),
+               off_h, start_m, (dq * softmax_scale).to(DQ.dtype.element_ty), stride_dqh, stride_dqs, seq_len, BLOCK_M,
+               HEAD_DIM, TMA)

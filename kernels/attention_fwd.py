@@ -15,20 +15,20 @@ from kernels.attention_tiles import allowed, tile_ranges
 
 
 @triton.jit
-def _fwd_steps(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-               start, end, seq_len, qk_scale,
+def _fwd_steps(acc, l_i, m_i, q, k_src, v_src, kv_head, stride_kh, stride_ks, stride_vh, stride_vs, offs_m, seg_q,
+               seg_base, start, end, seq_len, qk_scale,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEGMENTS: tl.constexpr, TMA: tl.constexpr):
     """Fold key tiles [start, end) into the running (acc, l_i, m_i) of one query tile.
 
     MASKED=False is the fast loop: every (query, key) pair of its tiles is allowed, so loads and scores
     go unmasked. MASKED=True masks causality, segments and the sequence end exactly. k_src, v_src:
-    `rows_source`s of the (batch, key/value head)'s keys and values.
+    `rows_source`s of the batch row's keys and values, read at head kv_head.
     """
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = load_rows(k_src, start_n, stride_ks, seq_len, BLOCK_N, HEAD_DIM, MASKED, True, TMA)
-        v = load_rows(v_src, start_n, stride_vs, seq_len, BLOCK_N, HEAD_DIM, MASKED, False, TMA)
+        k_t = load_rows(k_src, kv_head, start_n, stride_kh, stride_ks, seq_len, BLOCK_N, HEAD_DIM, MASKED, True, TMA)
+        v = load_rows(v_src, kv_head, start_n, stride_vh, stride_vs, seq_len, BLOCK_N, HEAD_DIM, MASKED, False, TMA)
         # 1. Raw scores q k^T (fp32); masked pairs become -inf.
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
         if MASKED:
@@ -79,17 +79,16 @@ def attn_fwd_kernel(Q, K, V, O, LSE, SEG, BOUNDS,
         tile = tl.num_programs(1) - 1 - tile
     start_m = tile * BLOCK_M
     off_b = (off_bh // n_heads).to(tl.int64)  # 64-bit: batch offsets can pass 2**31 elements
-    off_h = (off_bh % n_heads).to(tl.int64)
-    q_src = rows_source(Q + off_b * stride_qb + off_h * stride_qh, stride_qs, seq_len, BLOCK_M, HEAD_DIM, TMA)
-    k_src = rows_source(K + off_b * stride_kb + (off_h // group) * stride_kh, stride_ks, seq_len, BLOCK_N,
-                        HEAD_DIM, TMA)
-    v_src = rows_source(V + off_b * stride_vb + (off_h // group) * stride_vh, stride_vs, seq_len, BLOCK_N,
-                        HEAD_DIM, TMA)
+    off_h = off_bh % n_heads
+    kv_head = off_h // group
+    q_src = rows_source(Q + off_b * stride_qb, stride_qh, n_heads, stride_qs, seq_len, BLOCK_M, HEAD_DIM, TMA)
+    k_src = rows_source(K + off_b * stride_kb, stride_kh, n_heads // group, stride_ks, seq_len, BLOCK_N, HEAD_DIM, TMA)
+    v_src = rows_source(V + off_b * stride_vb, stride_vh, n_heads // group, stride_vs, seq_len, BLOCK_N, HEAD_DIM, TMA)
     seg_base = SEG + off_b * seq_len
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows_in = offs_m < seq_len
-    q = load_rows(q_src, start_m, stride_qs, seq_len, BLOCK_M, HEAD_DIM, True, False, TMA)
+    q = load_rows(q_src, off_h, start_m, stride_qh, stride_qs, seq_len, BLOCK_M, HEAD_DIM, True, False, TMA)
     seg_q = tl.load(seg_base + offs_m, mask=rows_in, other=0) if HAS_SEGMENTS else offs_m
 
     # Keys: causally up to the tile's last row; unmasked below the diagonal (causal) or up to the last
@@ -102,15 +101,15 @@ def attn_fwd_kernel(Q, K, V, O, LSE, SEG, BOUNDS,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-                               flo, fhi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, False, CAUSAL,
-                               HAS_SEGMENTS, TMA)
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-                               lo, flo, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL,
-                               HAS_SEGMENTS, TMA)
-    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_src, v_src, stride_ks, stride_vs, offs_m, seg_q, seg_base,
-                               fhi, hi, seq_len, qk_scale, BLOCK_N, HEAD_DIM, DOT_PRECISION, True, CAUSAL,
-                               HAS_SEGMENTS, TMA)
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_src, v_src, kv_head, stride_kh, stride_ks, stride_vh, stride_vs,
+                               offs_m, seg_q, seg_base, flo, fhi, seq_len, qk_scale, BLOCK_N, HEAD_DIM,
+                               DOT_PRECISION, False, CAUSAL, HAS_SEGMENTS, TMA)
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_src, v_src, kv_head, stride_kh, stride_ks, stride_vh, stride_vs,
+                               offs_m, seg_q, seg_base, lo, flo, seq_len, qk_scale, BLOCK_N, HEAD_DIM,
+                               DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, TMA)
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_src, v_src, kv_head, stride_kh, stride_ks, stride_vh, stride_vs,
+                               offs_m, seg_q, seg_base, fhi, hi, seq_len, qk_scale, BLOCK_N, HEAD_DIM,
+                               DOT_PRECISION, True, CAUSAL, HAS_SEGMENTS, TMA)
 
     # 4. Normalise. Padding rows (segment 0) may have attended to padding keys: they, and any row that
     #    attended to nothing, store exact zeros and an lse of +inf, which zeroes their P in the backward.
@@ -120,6 +119,7 @@ def attn_fwd_kernel(Q, K, V, O, LSE, SEG, BOUNDS,
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
-    o_dst = rows_source(O + off_b * stride_ob + off_h * stride_oh, stride_os, seq_len, BLOCK_M, HEAD_DIM, TMA)
-    store_rows(o_dst, start_m, out.to(O.dtype.element_ty), stride_os, seq_len, BLOCK_M, HEAD_DIM, TMA)
+    o_dst = rows_source(O + off_b * stride_ob, stride_oh, n_heads, stride_os, seq_len, BLOCK_M, HEAD_DIM, TMA)
+    store_rows(o_dst, off_h, start_m, out.to(O.dtype.element_ty), stride_oh, stride_os, seq_len, BLOCK_M, HEAD_DIM,
+               TMA)
     tl.store(LSE + off_bh.to(tl.int64) * seq_len + offs_m, lse, mask=rows_in)

@@ -6,6 +6,7 @@ packed and unpacked rows, GQA, lengths that end inside a tile.
 """
 from __future__ import annotations
 
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -37,6 +38,24 @@ def test_tma_path_matches_reference(dtype, lengths):
 
 
 @DTYPES
+def test_tma_descriptors_span_heads_at_any_stride(dtype):
+    """Descriptors cover a batch row's heads (heads x S x D): with (B, H, S, D) storage viewed as
+    (B, S, H, D), heads lie S*D apart and rows D apart, the reverse of the usual order, and the
+    descriptor path still reads and writes exactly the pointer path's elements (GQA, packed)."""
+    B, S, Hq, Hkv, D = 2, 40, 4, 2, 32
+    q, k, v, grad_out = (t.transpose(1, 2).contiguous().transpose(1, 2)
+                         for t in make_inputs(B, S, Hq, Hkv, D, dtype, seed=11))
+    assert q.stride(2) == S * D and q.stride(1) == D
+    segment_ids = packed_segments(B, S, [17, 23])
+    pointers, ref = run_both(q, k, v, grad_out, segment_ids=segment_ids)
+    ours = grads_of(q, k, v, grad_out, segment_ids=segment_ids, tma=True)
+    assert_matches(ours, ref, dtype)
+    if dtype == torch.float16:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), ours, pointers):
+            assert torch.equal(a, b), f"{name}: TMA and pointer paths read different elements"
+
+
+@DTYPES
 def test_tma_fused_backward_not_causal_matches_reference(dtype):
     B, S, Hq, Hkv, D = 1, 50, 2, 1, 64
     q, k, v, grad_out = make_inputs(B, S, Hq, Hkv, D, dtype, seed=8)
@@ -48,7 +67,8 @@ def test_tma_fused_backward_not_causal_matches_reference(dtype):
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 def test_the_flag_chooses_the_descriptor_path(monkeypatch, tma):
-    """tma=True makes descriptors in all three kernels (fwd, dK/dV, dQ), once per tile source; tma=False none."""
+    """tma=True makes descriptors in all three kernels (fwd, dK/dV, dQ), once per tensor and program, over
+    all heads of a batch row; tma=False none."""
     made = []
     original = InterpreterBuilder.create_make_tensor_descriptor
 
@@ -61,7 +81,11 @@ def test_the_flag_chooses_the_descriptor_path(monkeypatch, tma):
     grads_of(q, k, v, grad_out, tma=tma)
     assert bool(made) == tma
     if tma:  # boxes of the interpreter's tiles (32 query rows x 16 keys, dK/dV 16 x 32) by head dim 32
-        assert {tuple(shape) for shape in made} == {(32, 32), (16, 32)}
+        # One program per query tile and head in fwd and dQ (2 each), one per key tile and kv head in
+        # dK/dV (1, looping over the group of 2 query heads): 32-row boxes fwd q, o; dQ q, dO, dQ; dK/dV
+        # k, v, dK, dV. 16-row boxes fwd and dQ k, v; dK/dV q, dO once, not once per query head.
+        boxes = Counter(tuple(shape) for shape in made)
+        assert boxes == {(1, 32, 32): 2 * 2 + 2 * 3 + 4, (1, 16, 32): 2 * 2 + 2 * 2 + 2}
 
 
 def test_devices_without_tma_are_refused(monkeypatch):
