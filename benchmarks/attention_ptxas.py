@@ -1,7 +1,7 @@
 """Registers, spills, shared memory and MMA instructions of every attention tile candidate on Hopper,
 compiled as the JIT compiles them at run time, without a GPU; and the autotune lists chosen from them.
 
-    python -m benchmarks.attention_ptxas                       # sm_90a, bf16, D 64 and 128, +-segments
+    python -m benchmarks.attention_ptxas          # sm_90a, bf16, D 64 and 128, +-segments, MHA and GQA
     python -m benchmarks.attention_ptxas --out benchmarks/results/attention-ptxas-sm90   # the recorded table
 
 Each kernel of kernels/attention_fwd.py and kernels/attention_bwd.py is compiled for sm_90a with each
@@ -9,17 +9,22 @@ candidate of CANDIDATES and with the specialisation Triton's JIT applies at run 
 flash_attention passes (`aligned` guarantees them): every pointer and every stride divisible by 16
 (`tt.divisibility`), and the sequence length too (a multiple of 16, as training lengths are). Without
 those attributes the compiler must assume scalar, unaligned accesses: no vector loads, no cp.async/TMA,
-and a table that misreports registers and shared memory. ptxas (bundled with Triton, `-v`) reports
-registers per thread and spill bytes; the PTX gives the wgmma shapes (m64nNk16) and any mma.sync, and
-whether tiles move by cp.async or by TMA (cp.async.bulk.tensor). The "_tma" kernels are the TMA path
-(flash_attention(tma=True)): their descriptors are made in the kernel, so each program also needs
-`scratch_bytes` of global memory (128 per descriptor), which the compile reports.
+and a table that misreports registers and shared memory. The JIT also turns an integer argument equal
+to 1 into a constant, so a multi-head model (Hq = Hkv) runs kernels compiled with `group` = 1 folded
+in (no loop over a GQA group in dK/dV), and a grouped-query one runs them with `group` a run-time
+value: each candidate is compiled both ways (column `group`: 1, or "n" for any other value).
+ptxas (bundled with Triton, `-v`) reports registers per thread and spill bytes; the PTX gives the
+wgmma shapes (m64nNk16) and any mma.sync, and whether tiles move by cp.async or by TMA
+(cp.async.bulk.tensor). The "_tma" kernels are the TMA path (flash_attention(tma=True)): their
+descriptors are made in the kernel, so each program also needs `scratch_bytes` of global memory (128
+per descriptor), which the compile reports.
 
-A config is kept for a head dim (`choose`) when, with and without segments, it spills nothing,
-fits in one H100/H200 SM's 227 KiB of shared memory, and runs on wgmma with N >= 32 and no mma.sync
-(an m64n16 wgmma, from 16-row steps, moves a quarter of an n64's work per instruction issued). The result is
-written as `chosen` in the JSON; kernels/attention_configs.py holds it and tests/benchmarks checks that
-it matches the recorded table. Must not run under TRITON_INTERPRET=1 (the interpreter compiles nothing).
+A config is kept for a head dim (`choose`) when, in every row (with and without segments, MHA and
+GQA), it spills nothing, fits in one H100/H200 SM's 227 KiB of shared memory, and runs on wgmma with
+N >= 32 and no mma.sync (an m64n16 wgmma, from 16-row steps, moves a quarter of an n64's work per
+instruction issued). The result is written as `chosen` in the JSON; kernels/attention_configs.py
+holds it and tests/benchmarks checks that it matches the recorded table. Must not run under
+TRITON_INTERPRET=1 (the interpreter compiles nothing).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import sys
 import tempfile
 
 import triton
+from tqdm import tqdm
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -62,7 +68,8 @@ FLOAT_SCALARS = ("qk_scale", "softmax_scale")
 NOT_DIVISIBLE = ("n_heads", "n_kv_heads", "group")  # head counts: any value
 SMEM_LIMIT_KIB = 227  # usable shared memory per block on H100/H200
 MIN_WGMMA_N = 32  # m64n16 (16-row steps) is the narrowest; the issue drops the 16x32, 32x32, 16x64 tiles
-COLUMNS = ["kernel", "D", "segments", "BLOCK_A", "BLOCK_B", "warps", "stages", "smem_kib", "scratch_bytes", "registers",
+GROUPS = (1, "n")  # the `group` argument: 1 as the JIT specialises it (MHA), "n" any other value (GQA)
+COLUMNS = ["kernel", "D", "segments", "group", "BLOCK_A", "BLOCK_B", "warps", "stages", "smem_kib", "scratch_bytes", "registers",
            "spill_bytes", "wgmma", "mma_sync", "cp_async", "tma"]
 
 
@@ -117,7 +124,7 @@ def fits(row: dict) -> bool:
 
 def choose(rows: list[dict]) -> dict[str, dict[str, list[list[int]]]]:
     """Per kernel and head dim (a string key, as JSON has it), the candidates in CANDIDATES order that
-    fit with and without segments. Where none fits, the one that spills least among those meeting the
+    fit in every row (with and without segments, MHA and GQA). Where none fits, the one that spills least among those meeting the
     other rules (`least_spilling`), so the kernel still has a config; the table shows its spills."""
     chosen = {}
     for kernel, (_, _, candidates) in CANDIDATES.items():
@@ -134,7 +141,7 @@ def choose(rows: list[dict]) -> dict[str, dict[str, list[list[int]]]]:
 
 
 def least_spilling(rows: list[dict], kernel: str, head_dim: int) -> list[list[int]]:
-    """[the config whose worst spill (over segment settings) is smallest, all other rules met], or []."""
+    """[the config whose worst spill (over segment and group settings) is smallest, all other rules met], or []."""
     worst, excluded = {}, set()
     for r in rows:
         if r["kernel"] != kernel or r["D"] != head_dim:
@@ -147,19 +154,21 @@ def least_spilling(rows: list[dict], kernel: str, head_dim: int) -> list[list[in
     return [list(min(usable, key=usable.get))] if usable else []
 
 
-def compile_row(kernel_name: str, head_dim: int, has_segments: bool, config, dtype: str, arch: int) -> dict:
+def compile_row(kernel_name: str, head_dim: int, has_segments: bool, config, dtype: str, arch: int,
+                group=GROUPS[1]) -> dict:
+    """One row of the table; group 1 compiles with `group` a constant, as the JIT does for MHA launches."""
     kernel, extra, _ = CANDIDATES[kernel_name]
     block_a, block_b, warps, stages = config
     constexprs = dict(HEAD_DIM=head_dim, CAUSAL=True, HAS_SEGMENTS=has_segments,
                       DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", BLOCK_A=block_a, BLOCK_B=block_b,
-                      **extra)
+                      **extra, **({"group": 1} if group == 1 else {}))
     fn = kernel.fn  # the JITFunction under the autotuner
     types, attrs = signature(fn, dtype, constexprs)
     source = ASTSource(fn=fn, signature=types, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=warps, num_stages=stages))
     ptx = compiled.asm["ptx"]
-    return dict(kernel=kernel_name, D=head_dim, segments=has_segments, BLOCK_A=block_a, BLOCK_B=block_b,
+    return dict(kernel=kernel_name, D=head_dim, segments=has_segments, group=group, BLOCK_A=block_a, BLOCK_B=block_b,
                 warps=warps, stages=stages, smem_kib=compiled.metadata.shared / 1024,
                 scratch_bytes=compiled.metadata.global_scratch_size, **ptxas_usage(ptx, arch), **mma_usage(ptx))
 
@@ -174,9 +183,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if triton.knobs.runtime.interpret:
         raise SystemExit("attention_ptxas: unset TRITON_INTERPRET; the interpreter does not compile kernels")
-    rows = [compile_row(name, head_dim, has_segments, config, args.dtype, args.arch)
-            for head_dim in args.head_dims for has_segments in (False, True) for name in args.kernels
+    jobs = [(name, head_dim, has_segments, config, group) for head_dim in args.head_dims
+            for has_segments in (False, True) for group in GROUPS for name in args.kernels
             for config in CANDIDATES[name][2]]
+    rows = [compile_row(name, head_dim, has_segments, config, args.dtype, args.arch, group)
+            for name, head_dim, has_segments, config, group in tqdm(jobs, desc="compile", unit="kernel")]
     print_table(rows, COLUMNS, title=f"sm_{args.arch}a {args.dtype}, run-time alignment: registers, spills, MMA")
     chosen = choose(rows)
     for kernel, by_dim in chosen.items():
