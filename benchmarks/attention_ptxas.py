@@ -197,11 +197,12 @@ def main(argv=None) -> None:
     meta = dict(environment(), args=vars(args), chosen=chosen,
                 command=" ".join(["python -m benchmarks.attention_ptxas", *(sys.argv[1:] if argv is None else argv)]))
     print(f"wrote {write_json(out / 'ptxas.json', rows, meta)}")
-    (out / "ptxas.md").write_text(markdown(rows, COLUMNS, chosen, args))
+    (out / "ptxas.md").write_text(markdown(rows, COLUMNS, chosen, args, meta))
 
 
-def markdown(rows, columns, chosen, args) -> str:
+def markdown(rows, columns, chosen, args, meta) -> str:
     lines = [f"# Attention tiles on sm_{args.arch}a ({args.dtype}), compiled with run-time alignment", "",
+             f"Commit {meta['commit']}, {meta['time_utc']}, Triton {meta['triton']}, no GPU: `{meta['command']}`.", "",
              "Compile-time figures (ptxas -v and the PTX), not GPU measurements. "
              "Regenerate: `python -m benchmarks.attention_ptxas --out benchmarks/results/attention-ptxas-sm90`. "
              "Kernels named `*_tma` are the TMA path (`flash_attention(tma=True)`, tiles through tensor descriptors); "
