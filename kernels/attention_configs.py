@@ -7,13 +7,14 @@ diagonal starts on a key-tile boundary). dK/dV: BLOCK_A queries per step, BLOCK_
 
 How the GPU lists were chosen: `python -m benchmarks.attention_ptxas` compiles every kernel for sm_90a
 with the pointer and stride divisibility (16 bytes) that Triton's JIT specialises on at run time, at head
-dims 64 and 128 with and without segments, and records registers, spills, shared memory and the wgmma
-instruction shapes (benchmarks/results/attention-ptxas-sm90/). A config stays when it fits in 255
-registers without spills, in the 227 KiB of shared memory of one H100/H200 SM, and compiles to wgmma
-(not mma.sync, nor the narrowest m64n16 from 16-row steps). Which one wins is left to the autotuner on
-the GPU. dK/dV's candidates lead with 64 queries x 128 keys on 8 warps, the tile FA2, FA3 and
-FlexAttention use, but it spills at both head dims (at 64 by 16 bytes; at 128 by hundreds: its two
-128 x 128 fp32 accumulators take half the registers), so dK/dV runs 32 x 128 tiles.
+dims 64 and 128, with and without segments, and with `group` = 1 folded in (MHA, as the JIT specialises
+an argument equal to 1) and as a run-time value (GQA); it records registers, spills, shared memory and
+the wgmma instruction shapes (benchmarks/results/attention-ptxas-sm90/). A config stays when it fits in
+255 registers without spills in all four settings, in the 227 KiB of shared memory of one H100/H200 SM,
+and compiles to wgmma (not mma.sync, nor the narrowest m64n16 from 16-row steps). Which one wins is left
+to the autotuner on the GPU. dK/dV's candidates lead with 64 queries x 128 keys on 8 warps, the tile
+FA2, FA3 and FlexAttention use: it fits at head dim 64 (one stage), but at 128 its two 128 x 128 fp32
+accumulators take half the registers and it spills by hundreds of bytes, so there dK/dV runs 32 x 128.
 The TMA path (flash_attention(tma=True)) has lists of its own ("fwd_tma", ...), chosen by the same rule
 from its rows of the table; the autotune key includes TMA, so the two paths tune apart.
 Under Triton's CPU interpreter one small config: tuning there only wastes time; 16 is the smallest
@@ -31,15 +32,13 @@ GPU_CONFIGS = {
             128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]},
     "dq": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)],
            128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)]},
-    "dkdv": {64: [(32, 128, 8, 2), (32, 128, 8, 1)],
+    "dkdv": {64: [(64, 128, 8, 1), (32, 128, 8, 2), (32, 128, 8, 1)],
              128: [(32, 128, 8, 1)]},
-    # The opt-in TMA path (kernels/attention_io.py), chosen from its own rows of the table: no address
-    # arithmetic frees registers in the forward and dQ, while dK/dV's in-kernel descriptors cost it some;
-    # at head dim 128 every dK/dV candidate spills, (32, 128, 8, 2) least (140 bytes, with segments).
+    # The opt-in TMA path (kernels/attention_io.py), chosen from its own rows of the table.
     "fwd_tma": {64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
                 128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]},
     "dq_tma": {64: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3)],
-               128: [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)]},
+               128: [(128, 64, 8, 2), (128, 32, 8, 3)]},
     "dkdv_tma": {64: [(32, 128, 8, 2), (32, 128, 8, 1)],
                  128: [(32, 128, 8, 2)]},
 }
