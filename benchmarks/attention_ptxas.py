@@ -73,8 +73,8 @@ NOT_DIVISIBLE = ("n_heads", "n_kv_heads", "group")  # head counts: any value
 SMEM_LIMIT_KIB = 227  # usable shared memory per block on H100/H200
 MIN_WGMMA_N = 32  # m64n16 (16-row steps) is the narrowest; the issue drops the 16x32, 32x32, 16x64 tiles
 GROUPS = (1, "n")  # the `group` argument: 1 as the JIT specialises it (MHA), "n" any other value (GQA)
-COLUMNS = ["kernel", "D", "segments", "group", "BLOCK_A", "BLOCK_B", "warps", "stages", "smem_kib", "scratch_bytes", "registers",
-           "spill_bytes", "wgmma", "mma_sync", "cp_async", "tma"]
+COLUMNS = ["kernel", "D", "segments", "group", "BLOCK_A", "BLOCK_B", "warps", "stages", "smem_kib", "scratch_bytes",
+           "registers", "spill_bytes", "wgmma", "mma_sync", "cp_async", "tma"]
 
 
 def signature(fn, dtype: str, constexprs: dict) -> tuple[dict, dict]:
@@ -128,8 +128,9 @@ def fits(row: dict) -> bool:
 
 def choose(rows: list[dict]) -> dict[str, dict[str, list[list[int]]]]:
     """Per kernel and head dim (a string key, as JSON has it), the candidates in CANDIDATES order that
-    fit in every row (with and without segments, MHA and GQA). Where none fits, the one that spills least among those meeting the
-    other rules (`least_spilling`), so the kernel still has a config; the table shows its spills."""
+    fit in every row (with and without segments, MHA and GQA). Where none fits, the one that spills
+    least among those meeting the other rules (`least_spilling`), so the kernel still has a config; the
+    table shows its spills."""
     chosen = {}
     for kernel, (_, _, candidates) in CANDIDATES.items():
         chosen[kernel] = {}

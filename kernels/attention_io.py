@@ -6,8 +6,8 @@ Two ways, one constexpr switch (TMA) so each kernel keeps one body:
   * TMA tensor descriptors (Hopper, sm_90): a descriptor made in the kernel (`tl.make_tensor_descriptor`)
     over one batch row's heads x S x HEAD_DIM elements, read and written in 1 x BLOCK x HEAD_DIM boxes by
     the Tensor Memory Accelerator. Rows past S come back as zeros and are not written, so the descriptor
-    does the sequence-end masking itself. Each program writes its descriptors to a small global scratch (128
-    bytes each), which the host provides through `triton.set_allocator` (kernels/attention.py).
+    does the sequence-end masking itself. Each program writes its descriptors to a small global scratch
+    (128 bytes each), which the host provides through `triton.set_allocator` (kernels/attention.py).
 
 Both read and write the same elements, and the interpreter runs either (tests/kernels/test_attention_tma.py).
 The compiled code differs (benchmarks/results/attention-ptxas-sm90/: over the configs that spill on
@@ -27,9 +27,9 @@ def rows_source(base, stride_h, n_heads, stride_s, seq_len, BLOCK: tl.constexpr,
     """What `load_rows` and `store_rows` take for the heads of one batch row: `base` (head 0, row 0;
     heads `stride_h` apart, rows `stride_s` apart) itself, or with TMA one tensor descriptor over its
     n_heads x seq_len x HEAD_DIM elements in 1 x BLOCK x HEAD_DIM boxes. One descriptor per tensor and
-    program, however many heads the program visits: the dK/dV kernel's loop over a GQA group would
-    otherwise make (and write to scratch) two per head, and the values it carried across that loop
-    were what made its 32 x 128 tile spill at head dim 128 (benchmarks/results/attention-ptxas-sm90/)."""
+    program, however many heads the program visits: the dK/dV kernel's loop over a GQA group made (and
+    wrote to scratch) two per head, and its 32 x 128 tile spilled 88-140 bytes at head dim 128; made
+    once per program, it spills none (benchmarks/results/attention-ptxas-sm90/)."""
     if TMA:
         src = tl.make_tensor_descriptor(base, shape=[n_heads, seq_len, HEAD_DIM], strides=[stride_h, stride_s, 1],
                                         block_shape=[1, BLOCK, HEAD_DIM])
@@ -80,5 +80,5 @@ def store_rows(dst, head, start, tile, stride_h, stride_s, seq_len, BLOCK: tl.co
         dst.store([head, start, 0], tile.reshape(1, BLOCK, HEAD_DIM))
     else:
         offs = tl.arange(0, BLOCK)
-        ptrs = dst + tl.cast(head, tl.int64) * stride_h + (start + offs)[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :]
-        tl.store(ptrs, tile, mask=(offs < seq_len - start)[:, None])
+        rows = dst + tl.cast(head, tl.int64) * stride_h + (start + offs)[:, None] * stride_s
+        tl.store(rows + tl.arange(0, HEAD_DIM)[None, :], tile, mask=(offs < seq_len - start)[:, None])
