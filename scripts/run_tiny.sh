@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the tiny CPU default, the whole FLAN pipeline in 10-11 minutes on 2 idle cores (31-36 in earlier runs on shared ones):
+# The main job on the tiny CPU default, the whole FLAN pipeline in 10-11 minutes on 2 idle cores (31-36 in
+# earlier runs on shared ones):
 #   1. train the SentencePiece tokenizer on the corpus and dataset text (cached)
 #   2. pretrain the tiny model on WikiText                                   -> runs/tiny
 #   3. instruction-tune it on the FLAN mixture with the NLI cluster held out -> runs/tiny-flan
