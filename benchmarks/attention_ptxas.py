@@ -26,10 +26,9 @@ instruction issued). The result is written as `chosen` in the JSON; kernels/atte
 holds it and tests/benchmarks checks that it matches the recorded table. Must not run under
 TRITON_INTERPRET=1 (the interpreter compiles nothing).
 
-ptxas is not bit-for-bit deterministic on the same PTX: between uncached runs of the whole table, 5 to 8
-of the 296 rows differ, all of them TMA dK/dV tiles that spill (none chosen), by 8 to 88 bytes of
-spills or one register. Every chosen row at 240 registers or more gave the same figures in 8 of 8
-ptxas runs, and the chosen lists were the same in every run.
+ptxas is not bit-for-bit deterministic on the same PTX: between uncached runs of the whole table
+(TRITON_ALWAYS_COMPILE=1), 5 to 8 of the 296 rows differed, all of them TMA dK/dV tiles that spill
+(none chosen), by 8 to 88 bytes of spills or one register; the chosen lists were the same every time.
 """
 from __future__ import annotations
 

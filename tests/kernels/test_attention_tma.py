@@ -22,19 +22,24 @@ from tests.kernels.test_attention_paths import DTYPES, grads_of
 LAYOUTS = pytest.mark.parametrize("lengths", [None, [30, 1, 25]], ids=["unpacked", "packed"])
 
 
+def assert_tma_matches_reference_and_pointers(q, k, v, grad_out, dtype, segment_ids):
+    """The TMA path against the fp32 reference and, in fp16, against the pointer path bit for bit (fp16
+    products are exact in the interpreter's fp32 dots: the same tiles give the same bits)."""
+    pointers, ref = run_both(q, k, v, grad_out, segment_ids=segment_ids)
+    ours = grads_of(q, k, v, grad_out, segment_ids=segment_ids, tma=True)
+    assert_matches(ours, ref, dtype)
+    if dtype == torch.float16:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), ours, pointers):
+            assert torch.equal(a, b), f"{name}: TMA and pointer paths read different elements"
+
+
 @DTYPES
 @LAYOUTS
 def test_tma_path_matches_reference(dtype, lengths):
     B, S, Hq, Hkv, D = 2, 61, 4, 2, 32  # S = 61 ends inside a tile of every kernel
     q, k, v, grad_out = make_inputs(B, S, Hq, Hkv, D, dtype, seed=7)
     segment_ids = None if lengths is None else packed_segments(B, S, lengths)
-    pointers, ref = run_both(q, k, v, grad_out, segment_ids=segment_ids)
-    ours = grads_of(q, k, v, grad_out, segment_ids=segment_ids, tma=True)
-    assert_matches(ours, ref, dtype)
-    if dtype == torch.float16:
-        # fp16 products are exact in the interpreter's fp32 dots: the same tiles give the same bits.
-        for name, a, b in zip(("out", "dq", "dk", "dv"), ours, pointers):
-            assert torch.equal(a, b), f"{name}: TMA and pointer paths read different elements"
+    assert_tma_matches_reference_and_pointers(q, k, v, grad_out, dtype, segment_ids)
 
 
 @DTYPES
@@ -46,13 +51,7 @@ def test_tma_descriptors_span_heads_at_any_stride(dtype):
     q, k, v, grad_out = (t.transpose(1, 2).contiguous().transpose(1, 2)
                          for t in make_inputs(B, S, Hq, Hkv, D, dtype, seed=11))
     assert q.stride(2) == S * D and q.stride(1) == D
-    segment_ids = packed_segments(B, S, [17, 23])
-    pointers, ref = run_both(q, k, v, grad_out, segment_ids=segment_ids)
-    ours = grads_of(q, k, v, grad_out, segment_ids=segment_ids, tma=True)
-    assert_matches(ours, ref, dtype)
-    if dtype == torch.float16:
-        for name, a, b in zip(("out", "dq", "dk", "dv"), ours, pointers):
-            assert torch.equal(a, b), f"{name}: TMA and pointer paths read different elements"
+    assert_tma_matches_reference_and_pointers(q, k, v, grad_out, dtype, packed_segments(B, S, [17, 23]))
 
 
 @DTYPES
